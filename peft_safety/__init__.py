@@ -1,0 +1,22 @@
+"""peft-safety: keep aligned LLMs safe while they are fine-tuned (GuardSpace) and merged (SOMF) with PEFT.
+
+``import peft_safety`` is all the registration needed: ``peft.get_peft_model(model, GuardSpaceConfig(...))``
+and ``PeftModel.from_pretrained`` then handle GuardSpace adapters.
+"""
+
+from . import _peft_compat
+from .guardspace import GuardSpaceConfig, GuardSpaceReport, export_to_lora, guardspace_report
+from .statistics import SafetyStatistics, collect_safety_statistics
+
+__version__ = "0.1.0"
+
+_peft_compat.install()
+
+__all__ = [
+    "GuardSpaceConfig",
+    "GuardSpaceReport",
+    "SafetyStatistics",
+    "collect_safety_statistics",
+    "export_to_lora",
+    "guardspace_report",
+]

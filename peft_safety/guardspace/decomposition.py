@@ -1,0 +1,116 @@
+"""GuardSpace maths as pure tensor functions (no model, no PEFT).
+
+Shapes: ``W`` is ``(m, n)`` (out x in), ``C`` the ``(n, n)`` uncentered input covariance, ``r`` the adapter rank.
+Everything is computed in float64 and returned in float32 unless stated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ProjectorBasis:
+    """Orthonormal basis defining the null-space projector ``P`` (``n x n``, never materialised).
+
+    ``kind == "null"``: ``basis`` is ``N`` (``n x k``) and ``P = N N^T``.
+    ``kind == "range"``: ``basis`` is ``R`` (``n x (n - k)``) and ``P = I - R R^T``.
+    Whichever of the two is smaller is stored.
+    """
+
+    basis: torch.Tensor
+    kind: str
+    null_dim: int
+
+    @property
+    def in_features(self) -> int:
+        return self.basis.shape[0]
+
+
+def damp_covariance(
+    covariance: torch.Tensor, start: float = 0.01, tolerance: float = 0.05, max_doublings: int = 40
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Damped covariance ``C~ = C + d * mean(diag C) * I`` and its inverse (the paper's doubling rule).
+
+    ``d`` starts at ``start`` and doubles until ``||C~ C~^{-1} - I||_F < tolerance``.
+
+    Returns:
+        ``(C~, C~^{-1}, d)`` in float64.
+    """
+    c = covariance.double()
+    n = c.shape[0]
+    eye = torch.eye(n, dtype=c.dtype, device=c.device)
+    scale = torch.diagonal(c).mean().clamp_min(torch.finfo(c.dtype).tiny)
+    damping = start
+    for _ in range(max_doublings):
+        damped = c + damping * scale * eye
+        inverse = torch.linalg.inv(damped)
+        if torch.linalg.matrix_norm(damped @ inverse - eye) < tolerance:
+            return damped, inverse, damping
+        damping *= 2
+    raise ValueError(f"Could not damp the covariance to an invertible matrix after {max_doublings} doublings.")
+
+
+def smallest_component_init(
+    weight: torch.Tensor, damped: torch.Tensor, damped_inverse: torch.Tensor, r: int, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adapter factors from the ``r`` smallest components of the covariance-preconditioned SVD.
+
+    ``W C~ = U S V^T`` gives ``W = U S (C~^{-1} V)^T`` exactly. With ``U_r, S_r, V_r`` the ``r`` smallest
+    components and ``S'_r = S_r / scaling``:
+
+        B0 = U_r S'_r^{1/2}                (m x r)
+        A0 = S'_r^{1/2} V_r^T C~^{-1}      (r x n)
+
+    so that ``scaling * B0 @ A0`` is the part of ``W`` carried by those components.
+
+    Returns:
+        ``(B0, A0, S_r)`` with ``S_r`` the kept singular values (ascending order of importance reversed:
+        largest of the kept first).
+    """
+    m, n = weight.shape
+    if not 0 < r <= min(m, n):
+        raise ValueError(f"r={r} must be between 1 and min(out, in)={min(m, n)} for a {m}x{n} layer.")
+    u, s, vh = torch.linalg.svd(weight.double() @ damped, full_matrices=False)
+    u_r, s_r, vh_r = u[:, -r:], s[-r:], vh[-r:]
+    root = (s_r / scaling).sqrt()
+    b0 = u_r * root
+    a0 = (root.unsqueeze(1) * vh_r) @ damped_inverse
+    return b0.float(), a0.float(), s_r.float()
+
+
+def null_space_basis(covariance: torch.Tensor, threshold: float = 1e-6) -> ProjectorBasis:
+    """Basis of the (approximate) null space of ``C``: eigenvectors with ``lambda <= threshold * lambda_max``.
+
+    Stores the null basis ``N`` if ``k <= n - k`` and the range basis ``R`` otherwise.
+    """
+    c = covariance.double()
+    eigenvalues, eigenvectors = torch.linalg.eigh((c + c.T) / 2)
+    cutoff = threshold * eigenvalues[-1].clamp_min(0)
+    null = eigenvalues <= cutoff
+    null_dim = int(null.sum())
+    n = c.shape[0]
+    if null_dim <= n - null_dim:
+        return ProjectorBasis(eigenvectors[:, null].float().contiguous(), "null", null_dim)
+    return ProjectorBasis(eigenvectors[:, ~null].float().contiguous(), "range", null_dim)
+
+
+def project_rows(matrix: torch.Tensor, basis: torch.Tensor, kind: str) -> torch.Tensor:
+    """``matrix @ P`` for a ``(r, n)`` matrix, in ``O(r n k)``: ``(M N) N^T`` or ``M - (M R) R^T``."""
+    basis = basis.to(matrix.dtype)
+    if kind == "null":
+        return (matrix @ basis) @ basis.T
+    return matrix - (matrix @ basis) @ basis.T
+
+
+def calibration_error_bound(update_norm: float, covariance: torch.Tensor, threshold: float) -> float:
+    """Bound on the RMS output change on calibration inputs when the null space is approximate.
+
+    For an update ``dW = dW P``, ``E_t ||dW x_t||^2 = tr(dW P C P dW^T) <= ||dW||_2^2 * lambda_k`` where
+    ``lambda_k <= threshold * lambda_max`` is the largest discarded eigenvalue, so the RMS change is at most
+    ``||dW||_2 * sqrt(threshold * lambda_max)``.
+    """
+    lambda_max = float(torch.linalg.eigvalsh(covariance.double())[-1])
+    return update_norm * (threshold * max(lambda_max, 0.0)) ** 0.5

@@ -1,0 +1,186 @@
+"""Creating GuardSpace adapters: checks before injection, per-layer init during it, the report after it.
+
+``prepare_injection`` runs before PEFT touches the model (bad input fails there, model untouched), computes one
+projector basis per input site, and attaches an :class:`InitSession` to the config. PEFT then creates each layer
+and ``GuardSpaceVariant.init`` calls :func:`initialize_layer`. ``finish_injection`` records the null-space
+dimensions in the config, logs the report and drops the session.
+
+Without statistics (``PeftModel.from_pretrained`` of a saved adapter), layers are allocated from the recorded
+``null_space_dims`` and filled from the checkpoint: no SVD, no statistics file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from peft.utils.integrations import dequantize_module_weight
+from peft.utils.other import get_pattern_key
+from torch import nn
+
+from .._targets import resolve_target_modules, weight_shape
+from ..statistics import SafetyStatistics
+from .config import GuardSpaceConfig
+from .decomposition import ProjectorBasis, damp_covariance, null_space_basis, smallest_component_init
+from .layer import GuardState
+
+logger = logging.getLogger("peft_safety")
+
+
+@dataclass
+class InitSession:
+    """What the layer initialisations of one ``get_peft_model`` / ``add_adapter`` call share."""
+
+    statistics: SafetyStatistics
+    bases: dict[str, ProjectorBasis]  # site -> projector basis, shared by the modules of the site
+    damped_site: str | None = None  # most recent site's damped covariance (q/k/v are created in a row)
+    damped: tuple[torch.Tensor, torch.Tensor] | None = None
+    initialised: list[str] = field(default_factory=list)
+
+    def damped_covariance(self, site: str, config: GuardSpaceConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.damped_site != site:
+            covariance = self.statistics.covariance_sums[site].double() / self.statistics.num_tokens
+            damped, inverse, _ = damp_covariance(covariance, config.damping_start, config.damping_tolerance)
+            self.damped_site, self.damped = site, (damped, inverse)
+        return self.damped
+
+
+def _module_rank(config: GuardSpaceConfig, name: str) -> int:
+    return config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+
+
+def prepare_injection(config: GuardSpaceConfig, model: nn.Module) -> None:
+    """Validate everything against ``model`` and set up the init session. Raises before any change to ``model``."""
+    names = resolve_target_modules(model, config.target_modules, config.exclude_modules)
+    _check_patterns(config, names)
+    statistics = config.load_statistics()
+    if statistics is None:
+        recorded = config.null_space_dims or {}
+        missing = [name for name in names if name not in recorded]
+        if missing:
+            raise ValueError(
+                "GuardSpaceConfig needs `safety_statistics` to create an adapter (it has none, and no recorded "
+                f"null-space dimensions for {missing[:3]}). Pass safety_statistics=collect_safety_statistics(...)."
+            )
+        config._guardspace_session = None
+        return
+    statistics.check_matches(model, names)
+    modules = dict(model.named_modules())
+    for name in names:
+        m, n = weight_shape(modules[name])
+        r = _module_rank(config, name)
+        if r > min(m, n):
+            raise ValueError(f"r={r} for '{name}' exceeds min(out, in)={min(m, n)} of its {m}x{n} weight; lower `r`.")
+    sites = dict.fromkeys(statistics.site_of[name] for name in names)
+    bases = {
+        site: null_space_basis(statistics.covariance_sums[site].double(), config.null_space_threshold)
+        for site in sites
+    }
+    if config.rank_allocation == "null_dim":
+        shapes = {name: weight_shape(modules[name]) for name in names}
+        null_dims = {name: bases[statistics.site_of[name]].null_dim for name in names}
+        config.rank_pattern = {**config.rank_pattern, **allocate_ranks(null_dims, shapes, config)}
+    config.null_space_dims = {}
+    config._guardspace_session = InitSession(statistics, bases)
+
+
+def _check_patterns(config: GuardSpaceConfig, names: list[str]) -> None:
+    for label, pattern in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        for key, value in pattern.items():
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{label}[{key!r}] must be a positive number, got {value!r}.")
+            if not any(get_pattern_key([key], name) == key for name in names):
+                raise ValueError(f"{label} key {key!r} matches none of the {len(names)} target modules.")
+
+
+def allocate_ranks(
+    null_dims: dict[str, int], shapes: dict[str, tuple[int, int]], config: GuardSpaceConfig
+) -> dict[str, int]:
+    """Ranks proportional to the null-space dimension ``k`` at (at most) the uniform parameter budget.
+
+    Budget ``sum_i r (m_i + n_i)``; dead layers (``k = 0``) keep rank 1; a live layer gets
+    ``min(k_i, m_i, n_i, max(1, floor(c k_i)))`` with the largest ``c`` that fits the budget (bisection).
+    Keys are regex-escaped module names, as ``rank_pattern`` matches patterns.
+    """
+    budget = sum(_module_rank(config, name) * (m + n) for name, (m, n) in shapes.items())
+
+    def ranks(scale: float) -> dict[str, int]:
+        return {
+            name: 1 if k == 0 else min(k, *shapes[name], max(1, math.floor(scale * k))) for name, k in null_dims.items()
+        }
+
+    def cost(allocation: dict[str, int]) -> int:
+        return sum(r * sum(shapes[name]) for name, r in allocation.items())
+
+    low, high = 0.0, float(max(shapes[name][0] + shapes[name][1] for name in shapes))
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if cost(ranks(middle)) <= budget else (low, middle)
+    return {_escape(name): r for name, r in ranks(low).items()}
+
+
+def _escape(name: str) -> str:
+    return name.replace(".", r"\.")
+
+
+def _float_weight(layer: nn.Module) -> torch.Tensor:
+    """The base weight as ``(out, in)`` float32, dequantised for bitsandbytes layers."""
+    base = layer.get_base_layer()
+    weight = dequantize_module_weight(base) if not base.weight.dtype.is_floating_point else base.weight
+    weight = weight.detach().float()
+    return weight.T if layer.fan_in_fan_out else weight
+
+
+@torch.no_grad()
+def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConfig, target_name: str) -> None:
+    """Create ``layer.lora_guard[adapter_name]``; with a session, also compute ``A0``, ``B0`` and ``A0 P``."""
+    session: InitSession | None = getattr(config, "_guardspace_session", None)
+    device = layer.lora_A[adapter_name].weight.device
+    r = layer.r[adapter_name]
+    if session is None:
+        null_dim = (config.null_space_dims or {})[target_name]
+        layer.lora_guard[adapter_name] = GuardState(layer.in_features, layer.out_features, r, null_dim, device)
+        return
+    site = session.statistics.site_of[target_name]
+    basis = session.bases[site]
+    damped, inverse = session.damped_covariance(site, config)
+    weight = _float_weight(layer)
+    b0, a0, singular_values = smallest_component_init(
+        weight, damped.to(weight.device), inverse.to(weight.device), r, layer.scaling[adapter_name]
+    )
+    lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+    lora_A.data = a0.to(lora_A.dtype)
+    lora_B.data = b0.to(lora_B.dtype)
+    state = GuardState(layer.in_features, layer.out_features, r, basis.null_dim, device)
+    state.basis = basis.basis.to(device)  # one tensor per site, shared by its modules
+    # frozen copies of the *stored* A and B (after any cast), so that the init is exactly the base function
+    state.frozen_A = state.project(lora_A.float())
+    state.frozen_B = lora_B.float().clone()
+    state.singular_values = singular_values.to(device)
+    layer.lora_guard[adapter_name] = state
+    config.null_space_dims[target_name] = basis.null_dim
+    session.initialised.append(target_name)
+
+
+def finish_injection(config: GuardSpaceConfig, model: nn.Module, adapter_name: str) -> None:
+    """Log the per-layer report of a freshly initialised adapter and release the session's tensors."""
+    session: InitSession | None = getattr(config, "_guardspace_session", None)
+    config._guardspace_session = None
+    if session is None:
+        return
+    from .report import guardspace_report
+
+    report = guardspace_report(model, adapter_name)
+    logger.info("%s", report)
+    if report.dead_layers:
+        logger.warning(
+            "GuardSpace adapter '%s': %d of %d layers have no null space at threshold %g; their adapters cannot "
+            "learn (see guardspace_report()). This is expected at the paper's threshold; rank_allocation='null_dim' "
+            "moves their rank budget to layers that can learn.",
+            adapter_name,
+            len(report.dead_layers),
+            len(report.layers),
+            config.null_space_threshold,
+        )

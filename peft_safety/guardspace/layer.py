@@ -1,0 +1,148 @@
+"""The GuardSpace LoRA layer: a ``peft`` ``lora.Linear`` whose GuardSpace adapters run through a ``LoraVariant``.
+
+Forward of a GuardSpace adapter (offset form, base weight untouched):
+
+    y = W x + s * B (A P) dropout(x) - s * B0 (A0 P) x
+
+``A``/``B`` train (initialised to ``A0``/``B0``), ``B0`` and ``A0 P`` are frozen buffers, ``P`` is the null-space
+projector given by a stored basis (never a dense ``n x n`` matrix per module). ``A P`` is formed once per forward
+call in ``O(r n k)``, then applied to tokens at the cost of plain LoRA. The effective update
+``dW = s (B A - B0 A0) P`` vanishes on the span of the calibration inputs whatever values ``A``/``B`` take.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora import layer as lora_layer
+from peft.utils.other import transpose
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .decomposition import project_rows
+
+GUARDSPACE_INIT = "guardspace"
+
+
+class GuardState(nn.Module):
+    """Frozen per-adapter GuardSpace tensors of one layer (buffers: saved with the adapter, never trained).
+
+    Buffers:
+        basis: ``(n, min(k, n - k))`` orthonormal basis; null basis ``N`` if ``k <= n - k`` else range basis ``R``.
+        frozen_A: ``(r, n)`` = ``A0 P``.
+        frozen_B: ``(m, r)`` = ``B0``.
+        singular_values: ``(r,)`` the preconditioned singular values the adapter was initialised from.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, null_dim: int, device=None) -> None:
+        super().__init__()
+        self.null_dim = null_dim
+        self.kind = "null" if null_dim <= in_features - null_dim else "range"
+        width = min(null_dim, in_features - null_dim)
+        # NaN until filled by the initialiser or a checkpoint: a forward with unfilled buffers fails loudly.
+        nan = dict(dtype=torch.float32, device=device)
+        self.register_buffer("basis", torch.full((in_features, width), float("nan"), **nan))
+        self.register_buffer("frozen_A", torch.full((r, in_features), float("nan"), **nan))
+        self.register_buffer("frozen_B", torch.full((out_features, r), float("nan"), **nan))
+        self.register_buffer("singular_values", torch.full((r,), float("nan"), **nan))
+
+    def project(self, lora_A: torch.Tensor) -> torch.Tensor:
+        """``lora_A @ P`` (``(r, n)``)."""
+        return project_rows(lora_A, self.basis, self.kind)
+
+    def extra_repr(self) -> str:
+        return f"null_dim={self.null_dim}, stored={self.kind}"
+
+
+class GuardSpaceVariant(lora_layer.LoraVariant):
+    """``LoraVariant`` hooks for GuardSpace adapters on :class:`GuardSpaceLinear`."""
+
+    @staticmethod
+    def init(module: GuardSpaceLinear, adapter_name: str, **kwargs: Any) -> None:
+        from .initialization import initialize_layer  # local import: initialisation needs the config module
+
+        initialize_layer(module, adapter_name, kwargs["config"], kwargs["target_name"])
+
+    @staticmethod
+    def delta_weight(module: GuardSpaceLinear, adapter_name: str) -> torch.Tensor:
+        """``s (B A P - B0 A0 P)`` in the base weight's layout (transposed for ``fan_in_fan_out``)."""
+        state = module.lora_guard[adapter_name]
+        lora_A = module.lora_A[adapter_name].weight.float()
+        lora_B = module.lora_B[adapter_name].weight.float()
+        delta = lora_B @ state.project(lora_A) - state.frozen_B @ state.frozen_A
+        return transpose(delta * module.scaling[adapter_name], module.fan_in_fan_out)
+
+    @staticmethod
+    def merge_safe(module: GuardSpaceLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        delta = GuardSpaceVariant.delta_weight(module, active_adapter)
+        return (orig_weight.float() + delta).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: GuardSpaceLinear, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        delta = GuardSpaceVariant.delta_weight(module, active_adapter)
+        orig_weight.data = (orig_weight.data.float() + delta).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module: GuardSpaceLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        delta = GuardSpaceVariant.delta_weight(module, active_adapter)
+        return (orig_weight.data.float() - delta).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(
+        module: GuardSpaceLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        state = module.lora_guard[active_adapter]
+        lora_A = module.lora_A[active_adapter].weight
+        lora_B = module.lora_B[active_adapter].weight
+        dropout = module.lora_dropout[active_adapter]
+        scaling = module.scaling[active_adapter]
+        projected_A = state.project(lora_A)
+        frozen_A = state.frozen_A.to(projected_A.dtype)
+        frozen_B = state.frozen_B.to(lora_B.dtype)
+        trained = F.linear(F.linear(dropout(x), projected_A), lora_B)
+        offset = F.linear(F.linear(x, frozen_A), frozen_B)
+        return result + (trained - offset) * scaling
+
+
+class GuardSpaceLinear(lora_layer.Linear):
+    """``lora.Linear`` that can also hold GuardSpace adapters (``init_lora_weights="guardspace"``).
+
+    Plain LoRA adapters on the same layer behave exactly as in ``peft``.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
+        if isinstance(base_layer, Conv1D) or kwargs.get("is_target_conv_1d_layer"):
+            kwargs["is_target_conv_1d_layer"] = True
+            config.fan_in_fan_out = True  # what peft's own dispatcher does for GPT-2's Conv1D
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs: Any) -> None:
+        if "lora_guard" not in self._modules:  # first adapter: nn.Module.__init__ has run by now
+            self.lora_guard = nn.ModuleDict()
+        super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+
+    def resolve_lora_variant(self, *, config, **kwargs: Any):
+        if config.init_lora_weights == GUARDSPACE_INIT:
+            return GuardSpaceVariant()
+        return super().resolve_lora_variant(config=config, **kwargs)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
+        if init_lora_weights == GUARDSPACE_INIT:
+            return  # GuardSpaceVariant.init sets A and B
+        super().reset_lora_parameters(adapter_name, init_lora_weights)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        if adapter in self.lora_guard:
+            delta = GuardSpaceVariant.delta_weight(self, adapter)
+            return delta.to(self.lora_B[adapter].weight.dtype)
+        return super().get_delta_weight(adapter)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if adapter_name in self.lora_guard:
+            del self.lora_guard[adapter_name]
+
+    def __repr__(self) -> str:
+        return "guardspace." + super().__repr__()

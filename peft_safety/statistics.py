@@ -1,0 +1,345 @@
+"""Collecting and storing the input covariances of target layers on harmful prompts.
+
+For every *input site* (a tensor read by one or more target layers: q/k/v read the same normed hidden state,
+gate/up another) the collector accumulates the uncentered second moment
+
+    S = sum_t x_t x_t^T        (n x n, one per site, not per module)
+
+over the valid tokens ``t`` of all prompts (padding always excluded, BOS optionally). ``covariance`` returns
+``C = S / T`` with ``T`` the token count. Accumulation is in float64 by default: a float32 sum of ``T`` terms
+has a worst-case relative error of about ``T * 2**-24`` per entry (6e-3 at 1e5 tokens), which is larger than the
+1e-6 relative eigenvalue threshold GuardSpace applies, so float32 is offered for memory only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._targets import resolve_target_modules, weight_shape
+
+STATISTICS_FORMAT = "peft_safety.safety_statistics/1"
+Normalization = Literal["none", "prompt_max"]
+
+
+@dataclass
+class SafetyStatistics:
+    """Uncentered input covariances of target layers on a set of (harmful) calibration prompts.
+
+    Attributes:
+        covariance_sums: site name -> ``(n, n)`` tensor, ``sum_t x_t x_t^T`` over all valid tokens.
+        site_of: target module name -> name of the site (the first module reading that input).
+        num_tokens: number of tokens ``T`` accumulated (the same for every site).
+        num_prompts: number of prompts.
+        metadata: model class, hidden size, module shapes, prompt hash and collection options.
+    """
+
+    covariance_sums: dict[str, torch.Tensor]
+    site_of: dict[str, str]
+    num_tokens: int
+    num_prompts: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def module_names(self) -> list[str]:
+        return list(self.site_of)
+
+    def covariance(self, module_name: str) -> torch.Tensor:
+        """``C = S / T`` (float64, ``(n, n)``) for the site read by ``module_name``."""
+        return self.covariance_sums[self.site_of[module_name]].double() / self.num_tokens
+
+    def modules_of_site(self, site: str) -> list[str]:
+        return [name for name, s in self.site_of.items() if s == site]
+
+    def check_matches(self, model: nn.Module, module_names: Sequence[str]) -> None:
+        """Raise a ``ValueError`` unless these statistics cover ``module_names`` of ``model`` with matching shapes."""
+        missing = [name for name in module_names if name not in self.site_of]
+        if missing:
+            raise ValueError(
+                f"The safety statistics do not cover {len(missing)} target module(s), e.g. {missing[:3]}; they hold "
+                f"{len(self.site_of)} modules such as {self.module_names[:3]}. Collect statistics with the same "
+                "`target_modules` (collect_safety_statistics(..., target_modules=...)) on this model."
+            )
+        modules = dict(model.named_modules())
+        for name in module_names:
+            n_in = weight_shape(modules[name])[1]
+            n_stat = self.covariance_sums[self.site_of[name]].shape[0]
+            if n_in != n_stat:
+                raise ValueError(
+                    f"The safety statistics for '{name}' are {n_stat}x{n_stat} but the layer reads {n_in} features: "
+                    f"they were collected on another model ({self.metadata.get('model_class', 'unknown')}). "
+                    "Collect them again on this model."
+                )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a ``.safetensors`` file (tensors per site, everything else as JSON metadata).
+
+        Under ``torch.distributed`` only rank 0 writes; every rank holds the same statistics.
+        """
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        tensors = {f"site.{site}": s.contiguous() for site, s in self.covariance_sums.items()}
+        header = {
+            "format": STATISTICS_FORMAT,
+            "site_of": self.site_of,
+            "num_tokens": self.num_tokens,
+            "num_prompts": self.num_prompts,
+            "metadata": self.metadata,
+        }
+        save_file(tensors, os.fspath(path), metadata={"peft_safety": json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SafetyStatistics:
+        """Read statistics written by :meth:`save`. Only safetensors files are accepted (nothing is unpickled)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"Safety statistics file '{path}' does not exist. Create it with "
+                "`collect_safety_statistics(...).save(path)` or `peft-safety stats`."
+            )
+        try:
+            with safe_open(path, framework="pt") as handle:
+                raw_header = (handle.metadata() or {}).get("peft_safety")
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as err:  # safetensors raises several error types for foreign files
+            raise ValueError(f"'{path}' is not a safetensors file written by peft_safety ({err}).") from err
+        if raw_header is None:
+            raise ValueError(f"'{path}' is a safetensors file but holds no peft_safety statistics header.")
+        header = json.loads(raw_header)
+        if header.get("format") != STATISTICS_FORMAT:
+            raise ValueError(f"'{path}' has statistics format {header.get('format')!r}, expected {STATISTICS_FORMAT}.")
+        sums = {key.removeprefix("site."): value for key, value in tensors.items()}
+        return cls(sums, header["site_of"], header["num_tokens"], header["num_prompts"], header["metadata"])
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the covariance sums and counts: equal statistics give equal fingerprints on every rank."""
+        digest = hashlib.sha256(f"{self.num_tokens}:{self.num_prompts}".encode())
+        for site in sorted(self.covariance_sums):
+            digest.update(site.encode())
+            digest.update(self.covariance_sums[site].detach().cpu().double().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def _prompt_texts(prompts: Sequence[str] | Any, text_column: str) -> list[str]:
+    if hasattr(prompts, "column_names"):  # datasets.Dataset
+        if text_column not in prompts.column_names:
+            raise ValueError(
+                f"The dataset has no '{text_column}' column (columns: {prompts.column_names}). "
+                "Pass `text_column=` naming the column that holds the prompts."
+            )
+        texts = list(prompts[text_column])
+    elif isinstance(prompts, str):
+        raise TypeError("`prompts` must be a list of strings or a datasets.Dataset, not a single string.")
+    else:
+        texts = list(prompts)
+    if not texts:
+        raise ValueError("`prompts` is empty: GuardSpace needs harmful calibration prompts (e.g. AdvBench).")
+    bad = [i for i, text in enumerate(texts) if not isinstance(text, str)]
+    if bad:
+        raise TypeError(f"`prompts` must hold strings; entry {bad[0]} is {type(texts[bad[0]]).__name__}.")
+    return texts
+
+
+def _tokenize(
+    tokenizer: Any, texts: list[str], max_length: int, chat_template: bool, exclude_bos: bool
+) -> list[tuple[list[int], list[bool]]]:
+    """Token ids of each prompt and, per token, whether it enters the covariance."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    encoded = []
+    for text in texts:
+        if chat_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(text)["input_ids"]
+        ids = list(ids[:max_length])
+        counted = [not (exclude_bos and bos is not None and tok == bos) for tok in ids]
+        encoded.append((ids, counted))
+    empty = [i for i, (_, counted) in enumerate(encoded) if not any(counted)]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} prompt(s) tokenise to no usable token (e.g. index {empty[0]}: {texts[empty[0]]!r}). "
+            "Remove empty prompts."
+        )
+    return encoded
+
+
+def _batches(encoded, batch_size: int, device: torch.device):
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        attention = torch.zeros(len(chunk), width, dtype=torch.long)
+        counted = torch.zeros(len(chunk), width, dtype=torch.bool)
+        for row, (ids, keep) in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+            counted[row, : len(ids)] = torch.tensor(keep)
+        yield input_ids.to(device), attention.to(device), counted.to(device)
+
+
+def _second_moment(
+    x: torch.Tensor, counted: torch.Tensor, dtype: torch.dtype, normalization: Normalization
+) -> torch.Tensor:
+    """``sum_t x_t x_t^T`` over counted tokens of a ``(batch, seq, n)`` input, optionally max-scaled per prompt."""
+    x = x.to(dtype)
+    if normalization == "prompt_max":
+        peak = x.abs().masked_fill(~counted.unsqueeze(-1), 0).amax(dim=(1, 2), keepdim=True)
+        x = x / peak.clamp_min(torch.finfo(dtype).tiny)
+    rows = x[counted]
+    return rows.T @ rows
+
+
+@torch.no_grad()
+def collect_safety_statistics(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str] | Any,
+    target_modules: str | Sequence[str],
+    batch_size: int = 8,
+    max_length: int = 256,
+    *,
+    text_column: str = "prompt",
+    chat_template: bool = False,
+    exclude_bos: bool = False,
+    normalization: Normalization = "none",
+    accumulate_dtype: torch.dtype = torch.float64,
+    accumulate_device: str | torch.device | None = None,
+    show_progress: bool = True,
+) -> SafetyStatistics:
+    """Run ``model`` on ``prompts`` and collect the input covariance of every target layer, one per input site.
+
+    Args:
+        model: the aligned model (plain ``transformers`` model, before ``get_peft_model``).
+        tokenizer: its tokenizer; no pad token is needed (batches are padded here, padding is masked).
+        prompts: list of strings or a ``datasets.Dataset`` with a ``text_column`` column.
+        target_modules: as in ``LoraConfig`` (list of names, regex, or ``"all-linear"``).
+        batch_size: prompts per forward pass.
+        max_length: prompts are truncated to this many tokens.
+        text_column: column of a ``datasets.Dataset`` holding the prompts.
+        chat_template: wrap each prompt as a user turn with the tokenizer's chat template.
+        exclude_bos: leave BOS tokens out of the covariance (they carry "massive activations"); the calibration
+            guarantee then no longer covers the BOS position.
+        normalization: ``"none"`` or ``"prompt_max"`` (the paper's code: divide each prompt's inputs by their
+            largest absolute entry before accumulating).
+        accumulate_dtype: ``torch.float64`` (default) or ``torch.float32`` (see module docstring for the bound).
+        accumulate_device: where the ``n x n`` sums live (default: the model's device; ``"cpu"`` to offload).
+        show_progress: show a tqdm bar.
+
+    Under ``torch.distributed`` the prompts are sharded across ranks and the sums and counts all-reduced, so every
+    rank returns identical statistics.
+    """
+    texts = _prompt_texts(prompts, text_column)
+    if batch_size < 1 or max_length < 1:
+        raise ValueError(f"`batch_size` and `max_length` must be positive, got {batch_size} and {max_length}.")
+    module_names = resolve_target_modules(model, target_modules)
+    encoded = _tokenize(tokenizer, texts, max_length, chat_template, exclude_bos)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if len(encoded) < world:
+        raise ValueError(f"{len(encoded)} prompt(s) for {world} processes: every rank needs at least one prompt.")
+    local = encoded[rank::world]
+
+    device = next(model.parameters()).device
+    sum_device = torch.device(accumulate_device) if accumulate_device is not None else device
+    modules = dict(model.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    site_of: dict[str, str] = {}
+    sums: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {}
+
+    def capture(name: str):
+        def hook(_module, args, _output):
+            x = args[0] if args else None
+            if x is None:
+                raise RuntimeError(f"Could not read the input of '{name}' (it was called without positional input).")
+            if not site_of:  # first batch: remember inputs to group modules reading the same tensor
+                captured[name] = x
+            elif site_of[name] == name:
+                _accumulate(name, x)
+
+        return hook
+
+    def _accumulate(site: str, x: torch.Tensor) -> None:
+        counted = state["counted"]
+        if not torch.isfinite(x[counted]).all():
+            raise ValueError(
+                f"NaN or Inf in the input of '{site}' on prompt batch {state['batch']}: the model produces "
+                "non-finite activations (check its dtype, e.g. load fp16 models in bf16/fp32 for calibration)."
+            )
+        moment = _second_moment(x, counted, accumulate_dtype, normalization).to(sum_device)
+        if site in sums:
+            sums[site] += moment
+        else:
+            sums[site] = moment
+
+    handles = [modules[name].register_forward_hook(capture(name)) for name in module_names]
+    was_training = model.training
+    model.eval()
+    num_tokens = 0
+    try:
+        for index, (input_ids, attention, counted) in enumerate(
+            tqdm(
+                list(_batches(local, batch_size, device)),
+                desc="Collecting safety statistics",
+                disable=not show_progress or rank != 0,
+            )
+        ):
+            state.update(counted=counted, batch=index)
+            model(input_ids=input_ids, attention_mask=attention)
+            num_tokens += int(counted.sum())
+            if not site_of:
+                site_of.update(_group_by_input(captured, module_names))
+                for site in dict.fromkeys(site_of.values()):
+                    _accumulate(site, captured[site])
+                captured.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+    counts = torch.tensor([num_tokens, len(local)], dtype=torch.float64, device=sum_device)
+    if distributed:
+        for site in dict.fromkeys(site_of[name] for name in module_names):
+            dist.all_reduce(sums[site])
+        dist.all_reduce(counts)
+    metadata = {
+        "model_class": type(model).__name__,
+        "model_type": getattr(getattr(model, "config", None), "model_type", None),
+        "hidden_size": getattr(getattr(model, "config", None), "hidden_size", None),
+        "module_shapes": {name: list(weight_shape(modules[name])) for name in module_names},
+        "prompts_sha256": hashlib.sha256("\x1e".join(texts).encode()).hexdigest(),
+        "normalization": normalization,
+        "exclude_bos": exclude_bos,
+        "chat_template": chat_template,
+        "max_length": max_length,
+        "accumulate_dtype": str(accumulate_dtype).removeprefix("torch."),
+    }
+    return SafetyStatistics(sums, site_of, int(counts[0]), int(counts[1]), metadata)
+
+
+def _group_by_input(captured: dict[str, torch.Tensor], module_names: list[str]) -> dict[str, str]:
+    """Map each module to the first module (in model order) that read the very same input tensor."""
+    site_of: dict[str, str] = {}
+    leaders: list[tuple[torch.Tensor, str]] = []
+    for name in module_names:
+        x = captured[name]
+        leader = next((site for tensor, site in leaders if tensor is x), None)
+        if leader is None:
+            leaders.append((x, name))
+            leader = name
+        site_of[name] = leader
+    return site_of
