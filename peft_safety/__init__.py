@@ -6,6 +6,7 @@ and ``PeftModel.from_pretrained`` then handle GuardSpace adapters.
 
 from . import _peft_compat
 from .guardspace import GuardSpaceConfig, GuardSpaceReport, export_to_lora, guardspace_report
+from .somf import SafetyMasks, SOMFConfig, SOMFMerger
 from .statistics import SafetyStatistics, collect_safety_statistics
 
 __version__ = "0.1.0"
@@ -15,6 +16,9 @@ _peft_compat.install()
 __all__ = [
     "GuardSpaceConfig",
     "GuardSpaceReport",
+    "SOMFConfig",
+    "SOMFMerger",
+    "SafetyMasks",
     "SafetyStatistics",
     "collect_safety_statistics",
     "export_to_lora",

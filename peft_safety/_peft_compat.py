@@ -19,6 +19,7 @@ import peft
 from packaging.version import Version
 from peft.config import PeftConfigMixin
 from peft.tuners.lora import LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -36,31 +37,63 @@ def check_peft_version() -> None:
 
 
 def register_guardspace_layers(config) -> None:
-    """Make PEFT build :class:`GuardSpaceLinear` for the linear layers targeted by ``config``."""
+    """Make PEFT build GuardSpace layers for the linear layers targeted by ``config``.
+
+    PEFT tries custom modules first, in insertion order, with ``isinstance``: bitsandbytes ``Linear4bit`` /
+    ``Linear8bitLt`` subclass ``nn.Linear``, so they are mapped first (only when bitsandbytes is importable).
+    """
+    from .guardspace.bnb import BNB_LAYERS  # empty when bitsandbytes is not importable
     from .guardspace.layer import GuardSpaceLinear
 
-    config._register_custom_module({nn.Linear: GuardSpaceLinear, Conv1D: GuardSpaceLinear})
+    mapping = {**BNB_LAYERS, nn.Linear: GuardSpaceLinear, Conv1D: GuardSpaceLinear}
+    if config._custom_modules:  # keep the bnb classes ahead of nn.Linear on a re-registration
+        config._custom_modules = {key: value for key, value in config._custom_modules.items() if key not in mapping}
+    config._register_custom_module(mapping)
 
 
 def _wrap_inject_adapter(inject_adapter):
     @functools.wraps(inject_adapter)
     def wrapper(self, model: nn.Module, adapter_name: str, *args, **kwargs):
         from .guardspace.config import GuardSpaceConfig
-        from .guardspace.initialization import finish_injection, prepare_injection
+        from .guardspace.initialization import finish_injection, prepare_injection, reset_injection_state
 
         config = self.peft_config[adapter_name]
         if not isinstance(config, GuardSpaceConfig):
             return inject_adapter(self, model, adapter_name, *args, **kwargs)
         prepare_injection(config, model)
+        _upgrade_plain_lora_layers(model, config)
         try:
             result = inject_adapter(self, model, adapter_name, *args, **kwargs)
         except BaseException:
-            config._guardspace_session = None
+            reset_injection_state(config)
             raise
         finish_injection(config, model, adapter_name)
         return result
 
     return wrapper
+
+
+def _upgrade_plain_lora_layers(model: nn.Module, config) -> None:
+    """Let target layers that already hold plain LoRA adapters also hold GuardSpace ones.
+
+    ``GuardSpaceLinear`` only adds methods to ``lora.Linear`` (its ``lora_guard`` dict is created on first use), so
+    an exact ``lora.Linear`` is re-classed in place; its existing adapters behave exactly as before.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from ._targets import resolve_target_modules
+    from .guardspace.layer import GuardSpaceLinear
+
+    modules = dict(model.named_modules())
+    for name in resolve_target_modules(model, config.target_modules, config.exclude_modules):
+        module = modules[name]
+        if type(module) is LoraLinear:
+            module.__class__ = GuardSpaceLinear
+        elif isinstance(module, BaseTunerLayer) and not isinstance(module, GuardSpaceLinear):
+            raise ValueError(
+                f"'{name}' already holds adapters of type {type(module).__name__}; GuardSpace adapters can be added "
+                "next to plain LoRA adapters on nn.Linear / Conv1D layers only."
+            )
 
 
 def _wrap_from_peft_type(from_peft_type):
@@ -79,9 +112,25 @@ def _wrap_from_peft_type(from_peft_type):
     return classmethod(wrapper)
 
 
+def attach_merge_with_safety_mask() -> None:
+    """Add ``LoraModel.merge_with_safety_mask`` (a new method, no PEFT class replaced; ``PeftModel.__getattr__``
+    forwards to it). The SOMF code is imported on first call only."""
+    if hasattr(LoraModel, "merge_with_safety_mask"):
+        return
+
+    def merge_with_safety_mask(self, *args, **kwargs):
+        from .somf.merger import merge_with_safety_mask as merge
+
+        return merge(self, *args, **kwargs)
+
+    merge_with_safety_mask.__doc__ = "See :func:`peft_safety.somf.merge_with_safety_mask`."
+    LoraModel.merge_with_safety_mask = merge_with_safety_mask
+
+
 def install() -> None:
     """Install the wrappers once per process."""
     check_peft_version()
+    attach_merge_with_safety_mask()
     if getattr(LoraModel, _INSTALLED_FLAG, False):
         return
     LoraModel.inject_adapter = _wrap_inject_adapter(LoraModel.inject_adapter)

@@ -83,3 +83,75 @@ def llama(tokenizer):
 @pytest.fixture
 def gpt2(tokenizer):
     return make_gpt2(tokenizer)
+
+
+# --- GuardSpace test helpers (shared by tests/test_guardspace_*.py) ---------------------------------------------
+
+
+def encode(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    """Right-padded batch with causal-LM labels (padding masked out of the loss)."""
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+@torch.no_grad()
+def logits_of(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    """Logits (float32) at the valid (non-padding) positions of ``texts``, concatenated."""
+    batch = encode(tokenizer, texts)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return out[batch["attention_mask"].bool()].float()
+
+
+@torch.no_grad()
+def layer_outputs(model, tokenizer, texts: list[str], names: list[str]) -> dict[str, torch.Tensor]:
+    """Output of each module in ``names`` (suffix of a ``named_modules`` name) at the valid positions of ``texts``."""
+    batch = encode(tokenizer, texts)
+    mask = batch["attention_mask"].bool()
+    modules = {}
+    for full_name, module in model.named_modules():
+        for name in names:
+            if full_name == name or full_name.endswith("." + name):
+                modules[name] = module
+    assert set(modules) == set(names), set(names) - set(modules)
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _a, out, name=name: captured.__setitem__(name, out[mask].float()))
+        for name, module in modules.items()
+    ]
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def train_steps(
+    model,
+    tokenizer,
+    texts: list[str],
+    steps: int = 4,
+    lr: float = 5e-3,
+    weight_decay: float = 0.1,
+    max_grad_norm: float = 1.0,
+    autocast_dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> list[float]:
+    """A few real optimizer steps (AdamW, weight decay, gradient clipping, optional CPU autocast)."""
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    batch = encode(tokenizer, texts)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    return losses

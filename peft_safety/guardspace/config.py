@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from peft import LoraConfig
 
@@ -44,11 +44,13 @@ class GuardSpaceConfig(LoraConfig):
             Dead layers keep rank 1.
         null_space_dims (`dict[str, int]`, set at initialisation): null-space dimension per module. Saved with the
             adapter so that loading rebuilds the layers without the statistics and without any SVD.
+        null_space_sites (`dict[str, str]`, set at initialisation): input site of each module (the first module
+            reading the same tensor). Loading uses it to give the modules of a site one shared projector basis.
 
     All other arguments are those of ``peft.LoraConfig``.
     """
 
-    safety_statistics: Optional[Union[str, SafetyStatistics]] = field(
+    safety_statistics: str | SafetyStatistics | None = field(
         default=None,
         metadata={"help": "Path of a safety statistics file (or a SafetyStatistics object) used to initialise."},
     )
@@ -63,8 +65,11 @@ class GuardSpaceConfig(LoraConfig):
         default="uniform",
         metadata={"help": "'uniform', or 'null_dim' to give dead layers' rank budget to layers with a null space."},
     )
-    null_space_dims: Optional[dict[str, int]] = field(
+    null_space_dims: dict[str, int] | None = field(
         default=None, metadata={"help": "Null-space dimension per module; recorded at initialisation."}
+    )
+    null_space_sites: dict[str, str] | None = field(
+        default=None, metadata={"help": "Input site of each module; recorded at initialisation."}
     )
 
     def __post_init__(self) -> None:
@@ -72,7 +77,8 @@ class GuardSpaceConfig(LoraConfig):
             self.init_lora_weights = GUARDSPACE_INIT
         if self.init_lora_weights != GUARDSPACE_INIT:
             raise ValueError(
-                f"GuardSpaceConfig always initialises with 'guardspace', got init_lora_weights={self.init_lora_weights!r}."
+                "GuardSpaceConfig always initialises with 'guardspace', "
+                f"got init_lora_weights={self.init_lora_weights!r}."
             )
         enabled = [name for name in _UNSUPPORTED_LORA_OPTIONS if getattr(self, name, None)]
         if enabled:
@@ -95,7 +101,7 @@ class GuardSpaceConfig(LoraConfig):
         tokenizer: Any,
         prompts: Any,
         *,
-        statistics_kwargs: Optional[dict[str, Any]] = None,
+        statistics_kwargs: dict[str, Any] | None = None,
         **config_kwargs: Any,
     ) -> GuardSpaceConfig:
         """One-step route: collect statistics on ``prompts`` and return the config.
@@ -109,7 +115,7 @@ class GuardSpaceConfig(LoraConfig):
         )
         return cls(safety_statistics=statistics, **config_kwargs)
 
-    def load_statistics(self) -> Optional[SafetyStatistics]:
+    def load_statistics(self) -> SafetyStatistics | None:
         """The statistics object (loaded from disk if a path was given), or ``None`` when restoring a saved one."""
         if isinstance(self.safety_statistics, str):
             self.safety_statistics = SafetyStatistics.load(self.safety_statistics)

@@ -55,14 +55,16 @@ def export_to_lora(peft_model: PeftModel, path: str | os.PathLike, adapter_name:
     """
     config = peft_model.peft_config.get(adapter_name)
     if not isinstance(config, GuardSpaceConfig):
-        raise ValueError(f"'{adapter_name}' is not a GuardSpace adapter of this model (found {type(config).__name__}).")
+        raise ValueError(
+            f"'{adapter_name}' is not a GuardSpace adapter of this model (found {type(config).__name__})."
+        )
     state_dict = {
         key: value
         for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()
         if ".lora_guard." not in key
     }
     for name, module in peft_model.named_modules():
-        if isinstance(module, GuardSpaceLinear) and adapter_name in module.lora_guard:
+        if adapter_name in getattr(module, "lora_guard", ()):
             stacked_A, stacked_B = lora_factors(module, adapter_name)
             dtype = module.lora_A[adapter_name].weight.dtype
             state_dict[f"{name}.lora_A.weight"] = stacked_A.to(dtype).contiguous()

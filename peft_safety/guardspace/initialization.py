@@ -16,11 +16,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from peft.utils.integrations import dequantize_module_weight
 from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .._targets import resolve_target_modules, weight_shape
+from ..distributed import full_weight
 from ..statistics import SafetyStatistics
 from .config import GuardSpaceConfig
 from .decomposition import ProjectorBasis, damp_covariance, null_space_basis, smallest_component_init
@@ -53,6 +53,9 @@ def _module_rank(config: GuardSpaceConfig, name: str) -> int:
 
 def prepare_injection(config: GuardSpaceConfig, model: nn.Module) -> None:
     """Validate everything against ``model`` and set up the init session. Raises before any change to ``model``."""
+    from .bnb import check_quantization  # bitsandbytes only; other quantisation backends get a clear error
+
+    check_quantization(model)
     names = resolve_target_modules(model, config.target_modules, config.exclude_modules)
     _check_patterns(config, names)
     statistics = config.load_statistics()
@@ -65,6 +68,7 @@ def prepare_injection(config: GuardSpaceConfig, model: nn.Module) -> None:
                 f"null-space dimensions for {missing[:3]}). Pass safety_statistics=collect_safety_statistics(...)."
             )
         config._guardspace_session = None
+        config._guardspace_restored_bases = {}
         return
     statistics.check_matches(model, names)
     modules = dict(model.named_modules())
@@ -83,6 +87,7 @@ def prepare_injection(config: GuardSpaceConfig, model: nn.Module) -> None:
         null_dims = {name: bases[statistics.site_of[name]].null_dim for name in names}
         config.rank_pattern = {**config.rank_pattern, **allocate_ranks(null_dims, shapes, config)}
     config.null_space_dims = {}
+    config.null_space_sites = {}
     config._guardspace_session = InitSession(statistics, bases)
 
 
@@ -108,7 +113,8 @@ def allocate_ranks(
 
     def ranks(scale: float) -> dict[str, int]:
         return {
-            name: 1 if k == 0 else min(k, *shapes[name], max(1, math.floor(scale * k))) for name, k in null_dims.items()
+            name: 1 if k == 0 else min(k, *shapes[name], max(1, math.floor(scale * k)))
+            for name, k in null_dims.items()
         }
 
     def cost(allocation: dict[str, int]) -> int:
@@ -127,9 +133,8 @@ def _escape(name: str) -> str:
 
 def _float_weight(layer: nn.Module) -> torch.Tensor:
     """The base weight as ``(out, in)`` float32, dequantised for bitsandbytes layers."""
-    base = layer.get_base_layer()
-    weight = dequantize_module_weight(base) if not base.weight.dtype.is_floating_point else base.weight
-    weight = weight.detach().float()
+    with full_weight(layer.get_base_layer()) as weight:
+        weight = weight.detach().float().clone()
     return weight.T if layer.fan_in_fan_out else weight
 
 
@@ -140,8 +145,16 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
     device = layer.lora_A[adapter_name].weight.device
     r = layer.r[adapter_name]
     if session is None:
+        if device.type == "meta":
+            # `low_cpu_mem_usage=True` loading: lora_A/B are meta until the checkpoint is assigned, but PEFT then
+            # calls `.to(base device)` on every `lora_*` submodule without meta *parameters*, which fails for meta
+            # buffers. GuardState has buffers only: allocate them on the base layer's device (the checkpoint
+            # overwrites them).
+            device = layer.get_base_layer().weight.device
         null_dim = (config.null_space_dims or {})[target_name]
-        layer.lora_guard[adapter_name] = GuardState(layer.in_features, layer.out_features, r, null_dim, device)
+        state = GuardState(layer.in_features, layer.out_features, r, null_dim, device)
+        _share_restored_basis(config, target_name, state)
+        layer.lora_guard[adapter_name] = state
         return
     site = session.statistics.site_of[target_name]
     basis = session.bases[site]
@@ -151,8 +164,8 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
         weight, damped.to(weight.device), inverse.to(weight.device), r, layer.scaling[adapter_name]
     )
     lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-    lora_A.data = a0.to(lora_A.dtype)
-    lora_B.data = b0.to(lora_B.dtype)
+    lora_A.data = a0.to(lora_A.dtype).contiguous()
+    lora_B.data = b0.to(lora_B.dtype).contiguous()
     state = GuardState(layer.in_features, layer.out_features, r, basis.null_dim, device)
     state.basis = basis.basis.to(device)  # one tensor per site, shared by its modules
     # frozen copies of the *stored* A and B (after any cast), so that the init is exactly the base function
@@ -161,13 +174,36 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
     state.singular_values = singular_values.to(device)
     layer.lora_guard[adapter_name] = state
     config.null_space_dims[target_name] = basis.null_dim
+    config.null_space_sites[target_name] = site
     session.initialised.append(target_name)
+
+
+def _share_restored_basis(config: GuardSpaceConfig, target_name: str, state: GuardState) -> None:
+    """When loading, give the modules of one input site a single basis tensor, as at creation.
+
+    The checkpoint holds one copy per module; ``load_state_dict`` copies each into the shared tensor in place (the
+    copies are equal), so a reloaded adapter keeps the memory of a fresh one. Loading with ``assign=True``
+    (``low_cpu_mem_usage``) replaces the tensors and the modules then hold separate copies.
+    """
+    site = (config.null_space_sites or {}).get(target_name)
+    shared = getattr(config, "_guardspace_restored_bases", None)
+    if site is None or shared is None:
+        return
+    basis = shared.setdefault(site, state.basis)
+    if basis.shape == state.basis.shape and basis.device == state.basis.device:
+        state.basis = basis
+
+
+def reset_injection_state(config: GuardSpaceConfig) -> None:
+    """Drop what one injection call attached to ``config`` (after success or failure)."""
+    config._guardspace_session = None
+    config._guardspace_restored_bases = None
 
 
 def finish_injection(config: GuardSpaceConfig, model: nn.Module, adapter_name: str) -> None:
     """Log the per-layer report of a freshly initialised adapter and release the session's tensors."""
     session: InitSession | None = getattr(config, "_guardspace_session", None)
-    config._guardspace_session = None
+    reset_injection_state(config)
     if session is None:
         return
     from .report import guardspace_report

@@ -2,7 +2,7 @@
 
 Forward of a GuardSpace adapter (offset form, base weight untouched):
 
-    y = W x + s * B (A P) dropout(x) - s * B0 (A0 P) x
+    y = W x + s * B (A P) dropout(x) - s * B0 (A0 P) dropout(x)
 
 ``A``/``B`` train (initialised to ``A0``/``B0``), ``B0`` and ``A0 P`` are frozen buffers, ``P`` is the null-space
 projector given by a stored basis (never a dense ``n x n`` matrix per module). ``A P`` is formed once per forward
@@ -98,11 +98,18 @@ class GuardSpaceVariant(lora_layer.LoraVariant):
         lora_B = module.lora_B[active_adapter].weight
         dropout = module.lora_dropout[active_adapter]
         scaling = module.scaling[active_adapter]
-        projected_A = state.project(lora_A)
-        frozen_A = state.frozen_A.to(projected_A.dtype)
+        # A P in float32 and outside autocast, exactly as frozen_A = A0 P was computed at init: the two terms then
+        # cancel exactly at init whatever the adapter dtype (bf16 adapters, autocast), and A P is not rounded to
+        # bf16 before the cast that F.linear applies to both terms alike.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            projected_A = state.project(lora_A.float()).to(lora_A.dtype)
+        frozen_A = state.frozen_A.to(lora_A.dtype)
         frozen_B = state.frozen_B.to(lora_B.dtype)
-        trained = F.linear(F.linear(dropout(x), projected_A), lora_B)
-        offset = F.linear(F.linear(x, frozen_A), frozen_B)
+        # the offset sees the same dropped-out input as the trained term (as plain LoRA's delta does): the layer is
+        # W x + dW dropout(x) with dW = s (B A - B0 A0) P, so it equals the base at init in training mode too
+        dropped = dropout(x)
+        trained = F.linear(F.linear(dropped, projected_A), lora_B)
+        offset = F.linear(F.linear(dropped, frozen_A), frozen_B)
         return result + (trained - offset) * scaling
 
 

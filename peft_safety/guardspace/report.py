@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layer import GuardSpaceLinear
-
 
 @dataclass(frozen=True)
 class LayerReport:
@@ -44,7 +42,8 @@ class GuardSpaceReport:
     def __str__(self) -> str:
         width = max((len(layer.name) for layer in self.layers), default=5)
         lines = [
-            f"GuardSpace adapter '{self.adapter_name}': {len(self.layers)} layers, {len(self.dead_layers)} dead (k = 0)",
+            f"GuardSpace adapter '{self.adapter_name}': {len(self.layers)} layers, "
+            f"{len(self.dead_layers)} dead (k = 0)",
             f"{'layer':<{width}}  {'in':>6} {'out':>6} {'r':>4} {'k':>6}  kept singular values (largest..smallest)",
         ]
         for layer in self.layers:
@@ -60,7 +59,7 @@ def guardspace_report(model: nn.Module, adapter_name: str = "default") -> GuardS
     """Report of ``adapter_name`` on a ``PeftModel`` (or its tuner / base model), one row per GuardSpace layer."""
     rows = []
     for name, module in model.named_modules():
-        if isinstance(module, GuardSpaceLinear) and adapter_name in module.lora_guard:
+        if adapter_name in getattr(module, "lora_guard", ()):
             state = module.lora_guard[adapter_name]
             rows.append(
                 LayerReport(

@@ -1,0 +1,135 @@
+"""``SafetyMonitorCallback``: harmful score and over-refusal every N steps of a ``transformers``/TRL trainer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import TrainerCallback
+
+from .judges import Judge
+from .metrics import as_prompt_list, harmful_score, over_refusal_rate
+
+logger = logging.getLogger(__name__)
+
+
+class SafetyMonitorCallback(TrainerCallback):
+    """Measure safety drift while a model trains, and optionally stop when it becomes unsafe.
+
+    Every ``every_n_steps`` optimizer steps (and at the last step) the callback answers ``harmful_prompts``
+    greedily and reports the harmful score, plus the over-refusal rate on ``benign_prompts`` when given.
+
+    Logging: call ``callback.attach(trainer)`` (instead of ``Trainer(callbacks=[...])``); the metrics then go
+    through ``trainer.log`` like the loss, hence to every reporter of ``report_to`` (TensorBoard, W&B, ...) and to
+    ``trainer.state.log_history``. A callback passed through ``callbacks=[...]`` cannot reach the reporters
+    (``transformers`` hands callbacks no trainer) and writes to ``state.log_history`` and the Python logger only.
+    ``history`` always holds every measurement.
+
+    Args:
+        harmful_prompts: small set of held-out harmful prompts (10-50 keeps the overhead low).
+        benign_prompts: optional benign prompts for the over-refusal rate (e.g. XSTest "safe").
+        tokenizer: the model's tokenizer; defaults to the trainer's ``processing_class``.
+        every_n_steps: measurement interval in optimizer steps.
+        judge: harmful-answer judge (default keyword judge); refusal_judge: refusal judge for benign prompts.
+        stop_threshold: stop training (``control.should_training_stop``) once the harmful score is ``>=`` this.
+        measure_at_start: also measure before the first step (step 0), the reference point.
+        max_new_tokens, batch_size, chat_template, system_prompt: generation settings (see ``harmful_score``).
+        prefix: metric name prefix, e.g. ``"safety/harmful_score"``.
+    """
+
+    def __init__(
+        self,
+        harmful_prompts: Sequence[str],
+        benign_prompts: Sequence[str] | None = None,
+        tokenizer: Any = None,
+        every_n_steps: int = 50,
+        judge: Judge | None = None,
+        refusal_judge: Judge | None = None,
+        stop_threshold: float | None = None,
+        measure_at_start: bool = True,
+        max_new_tokens: int = 32,
+        batch_size: int = 8,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        prefix: str = "safety/",
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"`every_n_steps` must be positive, got {every_n_steps}.")
+        if stop_threshold is not None and not 0.0 <= stop_threshold <= 1.0:
+            raise ValueError(f"`stop_threshold` must be in [0, 1], got {stop_threshold}.")
+        self.harmful_prompts = as_prompt_list(harmful_prompts)
+        self.benign_prompts = as_prompt_list(benign_prompts) if benign_prompts is not None else None
+        self.tokenizer = tokenizer
+        self.every_n_steps = every_n_steps
+        self.judge = judge
+        self.refusal_judge = refusal_judge
+        self.stop_threshold = stop_threshold
+        self.measure_at_start = measure_at_start
+        self.generation = {
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "chat_template": chat_template,
+            "system_prompt": system_prompt,
+            "show_progress": False,
+        }
+        self.prefix = prefix
+        self.history: list[dict[str, float]] = []
+        self.stopped_at: int | None = None
+        self._trainer: Any = None
+        self._last_step: int | None = None
+
+    def attach(self, trainer: Any) -> SafetyMonitorCallback:
+        """Add this callback to ``trainer`` so that its metrics reach the trainer's reporters. Returns ``self``."""
+        trainer.add_callback(self)
+        self._trainer = trainer
+        return self
+
+    def measure(self, model: Any, tokenizer: Any) -> dict[str, float]:
+        """Harmful score (and over-refusal rate) of ``model`` now, as ``{prefixed name: value}``."""
+        metrics = {
+            f"{self.prefix}harmful_score": harmful_score(
+                model, tokenizer, self.harmful_prompts, self.judge, **self.generation
+            ).score
+        }
+        if self.benign_prompts:
+            metrics[f"{self.prefix}over_refusal_rate"] = over_refusal_rate(
+                model, tokenizer, self.benign_prompts, self.refusal_judge, **self.generation
+            ).score
+        return metrics
+
+    def _run(self, args: Any, state: Any, control: Any, model: Any, tokenizer: Any) -> None:
+        step = state.global_step
+        if step == self._last_step:
+            return
+        self._last_step = step
+        tokenizer = self.tokenizer or tokenizer
+        if tokenizer is None:
+            raise ValueError("SafetyMonitorCallback needs a tokenizer: pass `tokenizer=` or the trainer's one.")
+        if model is None:
+            return
+        metrics = self.measure(model, tokenizer)
+        self.history.append({"step": step, **metrics})
+        if self._trainer is not None:
+            self._trainer.log(dict(metrics))
+        else:
+            state.log_history.append({**metrics, "step": step})
+        logger.info("step %d: %s", step, ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        score = metrics[f"{self.prefix}harmful_score"]
+        if self.stop_threshold is not None and score >= self.stop_threshold and step > 0:
+            logger.warning(
+                "Harmful score %.3f >= %.3f at step %d: stopping training.", score, self.stop_threshold, step
+            )
+            self.stopped_at = step
+            control.should_training_stop = True
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if self.measure_at_start:
+            self._run(args, state, control, model, processing_class)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        last = state.max_steps > 0 and state.global_step >= state.max_steps
+        if state.global_step % self.every_n_steps == 0 or last:
+            self._run(args, state, control, model, processing_class)
+        return control

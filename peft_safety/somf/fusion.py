@@ -1,0 +1,188 @@
+"""Masked fusion of LoRA factors, and forward hooks that run the model with the fused adapter.
+
+For adapter ``i`` at one site, with scaling ``s_i``, weight ``w_i`` and an optional reference (safe) adapter with
+factors ``A_ref``, ``B_ref`` and scaling ``s_ref``, the task vectors are
+``tau_i^A = A_i - sqrt(s_ref / s_i) A_ref`` (``(r, n)``) and likewise for ``B`` (``(m, r)``); the fused factors of
+scaling 1 are
+
+    A = sqrt(s_ref) A_ref + Merge_A({tau~_i^A}),   B = sqrt(s_ref) B_ref + Merge_B({tau~_i^B}),
+    tau~_i = (m_i * tau_i) / mean(m_i)   (the division only with ``rescale``),
+
+where ``Merge`` weighs ``lora_A`` by ``sign(w_i s_i) sqrt|w_i s_i|`` and ``lora_B`` by ``sqrt|w_i s_i|``. Without a
+reference this is exactly ``add_weighted_adapter`` applied to masked adapters; with ``m = 1`` it is the unmasked
+merge. A reverted entry (``m = 0``) falls back to the reference (or to zero, i.e. the aligned base).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .combinations import Combination
+from .masks import mask_key
+from .sites import Site
+
+MODES = ("relaxed", "unmasked", "deployed")
+
+
+def concrete_sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Binary Concrete relaxation ``sigmoid((l + log u - log(1 - u)) / T)``, ``u ~ U(0, 1)`` (same shape as ``l``)."""
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype).clamp_(1e-6, 1 - 1e-6)
+    return torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
+
+
+class MaskedFusion:
+    """Computes fused factors per site from the adapters' factors and masks; hooks them into the model.
+
+    Args:
+        sites: from :func:`~peft_safety.somf.sites.find_sites`.
+        adapters: the ``k`` adapters to fuse (not the reference).
+        weights: ``k`` combination weights.
+        combination: a registered :class:`Combination`.
+        density: density of ties/dare/magnitude_prune.
+        majority_sign_method: ``"total"`` or ``"frequency"``.
+        reference: name of the safe adapter, or ``None``.
+        shared: one mask for all adapters.
+        temperature, rescale: Concrete temperature and ``1/mean(m)`` rescale.
+        seed: seed of the DARE drops of the deployed merge.
+    """
+
+    def __init__(
+        self,
+        sites: list[Site],
+        adapters: list[str],
+        weights: list[float],
+        combination: Combination,
+        density: float | None,
+        majority_sign_method: str,
+        reference: str | None,
+        shared: bool,
+        temperature: float,
+        rescale: bool,
+        seed: int = 0,
+    ) -> None:
+        self.sites, self.adapters, self.weights = sites, adapters, weights
+        self.combination, self.density, self.majority = combination, density, majority_sign_method
+        self.reference, self.shared = reference, shared
+        self.temperature, self.rescale, self.seed = temperature, rescale, seed
+        self.mode = "unmasked"
+        self.logits: dict[str, torch.Tensor] = {}
+        self.deployed: dict[str, torch.Tensor] = {}
+        self.noise: torch.Generator | None = None
+        self.drop_seed = seed
+        self._linear_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    # --------------------------------------------------------------------------------------------------- masks
+    def logit_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the logits this fusion needs (see :func:`~peft_safety.somf.masks.mask_key`)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for site in self.sites:
+            for side in ("A", "B"):
+                owners = [None] if self.shared else self.adapters
+                for owner in owners:
+                    factors = site.factors[self.adapters[0] if owner is None else owner]
+                    shapes[mask_key(site.name, side, owner)] = tuple(getattr(factors, f"lora_{side}").shape)
+        return shapes
+
+    def init_logits(self, value: float) -> dict[str, nn.Parameter]:
+        """Fresh trainable logits, all equal to ``value``."""
+        self.logits = {
+            key: nn.Parameter(torch.full(shape, float(value))) for key, shape in self.logit_shapes().items()
+        }
+        return self.logits
+
+    def _mask(self, key: str) -> torch.Tensor | None:
+        if self.mode == "unmasked":
+            return None
+        if self.mode == "deployed":
+            return self.deployed[key]
+        return concrete_sample(self.logits[key], self.temperature, self.noise)
+
+    # -------------------------------------------------------------------------------------------------- fusion
+    def fused_factors(self, site: Site, site_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of the fused adapter at ``site`` (scaling 1) under the current mode."""
+        scalings = [site.factors[adapter].scaling for adapter in self.adapters]
+        ref = site.factors.get(self.reference) if self.reference else None
+        shared_masks = {}
+        if self.shared:
+            shared_masks = {side: self._mask(mask_key(site.name, side, None)) for side in ("A", "B")}
+        fused = []
+        for side_index, side in enumerate(("A", "B")):
+            if self.combination.name == "linear" and (self.shared or self.mode == "unmasked"):
+                fused.append(self._fused_linear(site, side, shared_masks.get(side), ref))
+                continue
+            tasks = []
+            for adapter in self.adapters:
+                factors = site.factors[adapter]
+                task = getattr(factors, f"lora_{side}")
+                if ref is not None:
+                    task = task - (ref.scaling / factors.scaling) ** 0.5 * getattr(ref, f"lora_{side}")
+                mask = shared_masks[side] if self.shared else self._mask(mask_key(site.name, side, adapter))
+                if mask is not None:
+                    task = task * mask
+                    if self.rescale:
+                        task = task / mask.mean().clamp_min(1e-6)
+                tasks.append(task)
+            weights = self.combination.side_weights(self.weights, scalings, side)
+            if self.combination.random:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.drop_seed * 100_003 + 2 * site_index + side_index)
+                    merged = self.combination.combine(tasks, weights, self.density, side, self.majority)
+            else:
+                merged = self.combination.combine(tasks, weights, self.density, side, self.majority)
+            if ref is not None:
+                merged = merged + ref.scaling**0.5 * getattr(ref, f"lora_{side}")
+            fused.append(merged)
+        return fused[0], fused[1]
+
+    def _fused_linear(self, site: Site, side: str, mask: torch.Tensor | None, ref) -> torch.Tensor:
+        """Linear merge with one shared mask: ``C + (m / mean(m)) * sum_i w_i tau_i`` with the weighted sum (and the
+        reference part ``C``) cached, so autograd keeps only ``m`` and ``m / mean(m)`` per matrix (memory)."""
+        key = (site.name, side)
+        if key not in self._linear_cache:
+            with torch.no_grad():
+                tasks = []
+                for adapter in self.adapters:
+                    factors = site.factors[adapter]
+                    task = getattr(factors, f"lora_{side}")
+                    if ref is not None:
+                        task = task - (ref.scaling / factors.scaling) ** 0.5 * getattr(ref, f"lora_{side}")
+                    tasks.append(task)
+                scalings = [site.factors[adapter].scaling for adapter in self.adapters]
+                weights = self.combination.side_weights(self.weights, scalings, side)
+                combined = self.combination.combine(tasks, weights, None, side, self.majority)
+                offset = None if ref is None else ref.scaling**0.5 * getattr(ref, f"lora_{side}")
+            self._linear_cache[key] = (combined, offset)
+        combined, offset = self._linear_cache[key]
+        if mask is not None:
+            scale = mask / mask.mean().clamp_min(1e-6) if self.rescale else mask
+            combined = combined * scale
+        return combined if offset is None else combined + offset
+
+    # --------------------------------------------------------------------------------------------------- hooks
+    @contextlib.contextmanager
+    def hooked(self, lora_model: nn.Module) -> Iterator[None]:
+        """Run ``lora_model`` as ``base + fused adapter``: its own adapters disabled, one hook per site."""
+        handles = []
+        for index, site in enumerate(self.sites):
+            handles.append(site.module.register_forward_hook(self._hook(site, index)))
+        lora_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            lora_model.enable_adapter_layers()
+
+    def _hook(self, site: Site, index: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            lora_A, lora_B = self.fused_factors(site, index)
+            x = args[0]
+            delta = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B)
+            return output + delta.to(output.dtype)
+
+        return hook

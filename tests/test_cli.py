@@ -1,0 +1,209 @@
+"""The ``peft-safety`` CLI on a tiny model saved to disk: subprocess runs plus in-process ``main`` calls."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import BENIGN_TEXTS, HARMFUL_PROMPTS, build_tokenizer, make_llama
+from peft import LoraConfig, get_peft_model
+
+from peft_safety import GuardSpaceConfig, SafetyStatistics, collect_safety_statistics
+from peft_safety.cli import load_prompts, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGETS = ["q_proj", "v_proj"]
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.pop("PEFT_SAFETY_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "peft_safety.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A saved tiny model, a GuardSpace adapter and two LoRA adapters on it, and small data files."""
+    root = tmp_path_factory.mktemp("cli")
+    tok = build_tokenizer()
+    model = make_llama(tok)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "harmful.txt").write_text("\n".join(HARMFUL_PROMPTS) + "\n")
+    (root / "benign.json").write_text(json.dumps({"instructions": BENIGN_TEXTS, "inputs": [""] * len(BENIGN_TEXTS)}))
+    rows = [
+        {"question": "What is the capital of France", "answer": "#### 7"},
+        {"question": "Add seven", "answer": "5"},
+    ]
+    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    stats = collect_safety_statistics(model, tok, HARMFUL_PROMPTS, target_modules=TARGETS, show_progress=False)
+    guard = get_peft_model(make_llama(tok), GuardSpaceConfig(r=2, target_modules=TARGETS, safety_statistics=stats))
+    guard.save_pretrained(root / "guard")
+    for seed, name in ((1, "task_a"), (2, "task_b")):
+        lora = get_peft_model(make_llama(tok), LoraConfig(r=2, target_modules=TARGETS, init_lora_weights=False))
+        for param in lora.parameters():  # distinct adapters
+            if param.requires_grad:
+                param.data.mul_(seed)
+        lora.save_pretrained(root / name)
+    return root
+
+
+def _one_line_error(captured: str) -> str:
+    lines = [line for line in captured.strip().splitlines() if line.strip()]
+    assert "Traceback" not in captured
+    assert len(lines) == 1, captured
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [None, "stats", "merge", "export", "eval", "report"])
+def test_help_everywhere(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"] if command else ["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: peft-safety{' ' + command if command else ''}")
+
+
+def test_stats(work, capsys):
+    out = work / "stats.safetensors"
+    code = main([
+        "stats", "--model", str(work / "model"), "--prompts", str(work / "harmful.txt"),
+        "--target-modules", ",".join(TARGETS), "--batch-size", "4", "--output", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    stats = SafetyStatistics.load(out)
+    assert stats.num_prompts == len(HARMFUL_PROMPTS) and len(stats.site_of) == 2 * len(TARGETS)
+    assert "Saved safety statistics" in capsys.readouterr().out
+
+
+def test_user_error_in_subprocess(work):
+    failed = run_cli("stats", "--model", str(work / "nope"), "--prompts", str(work / "harmful.txt"), "--output", "x")
+    assert failed.returncode == 2
+    assert "not a local model folder" in _one_line_error(failed.stderr)
+
+
+def test_eval_in_subprocess_then_append(work):
+    results, plot = work / "results.json", work / "plot.png"
+    done = run_cli(
+        "eval", "--model", str(work / "model"), "--adapter", str(work / "guard"), "--method", "GuardSpace",
+        "--harmful", str(work / "harmful.txt"), "--benign", str(work / "benign.json"),
+        "--task", str(work / "task.jsonl"),
+        "--match", "number", "--max-new-tokens", "3", "--task-max-new-tokens", "3", "--batch-size", "4",
+        "--records", "--output", str(results), *(["--plot", str(plot)] if HAS_MATPLOTLIB else []),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    data = json.loads(results.read_text())
+    assert set(data["methods"]["GuardSpace"]) == {"harmful_score", "over_refusal_rate", "task_accuracy"}
+    assert len(data["details"]["GuardSpace"]["harmful_score"]["records"]) == len(HARMFUL_PROMPTS)
+    assert data["details"]["GuardSpace"]["over_refusal_rate"]["settings"]["num_prompts"] == len(BENIGN_TEXTS)
+    if HAS_MATPLOTLIB:
+        assert plot.stat().st_size > 1000
+
+    code = main([
+        "eval", "--model", str(work / "model"), "--harmful", str(work / "harmful.txt"), "--limit", "2",
+        "--max-new-tokens", "2", "--output", str(results), "--append",
+    ])  # fmt: skip
+    assert code == 0
+    data = json.loads(results.read_text())
+    assert set(data["methods"]) == {"GuardSpace", "base"}
+    assert data["details"]["GuardSpace"]  # earlier details kept
+
+
+def test_export_and_report(work, capsys):
+    code = main(
+        ["export", "--model", str(work / "model"), "--adapter", str(work / "guard"), "--output", str(work / "exp")]
+    )
+    assert code == 0
+    config = json.loads((work / "exp" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4  # rank 2r
+
+    report_json, plot = work / "report.json", work / "null.png"
+    code = main([
+        "report", "--model", str(work / "model"), "--adapter", str(work / "guard"), "--json", str(report_json),
+        *(["--plot", str(plot)] if HAS_MATPLOTLIB else []),
+    ])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "GuardSpace adapter 'default'" in out
+    layers = json.loads(report_json.read_text())["layers"]
+    assert len(layers) == 2 * len(TARGETS) and all(layer["null_dim"] > 0 for layer in layers)
+
+
+def test_user_mistakes_give_one_line_and_exit_code_2(work, capsys):
+    model, harmful = str(work / "model"), str(work / "harmful.txt")
+    cases = [
+        (["stats", "--model", model, "--prompts", str(work / "missing.txt"), "--output", "x"], "no such file"),
+        (["stats", "--model", model, "--prompts", harmful, "--column", "goal", "--output", "x"], "no column 'goal'"),
+        (["stats", "--model", str(work / "guard"), "--prompts", harmful, "--output", "x"], "is a PEFT adapter folder"),
+        (["stats", "--model", model, "--prompts", harmful, "--batch-size", "0", "--output", "x"], "must be positive"),
+        (["stats", "--model", model, "--prompts", harmful, "--target-modules", "nope", "--output", "x"], "matched no"),
+        (["eval", "--model", model, "--output", "x"], "nothing to evaluate"),
+        (
+            ["eval", "--model", model, "--task", str(work / "task.jsonl"), "--match", "label", "--output", "x"],
+            "--labels",
+        ),
+        (["export", "--model", model, "--adapter", model, "--output", "x"], "not a PEFT adapter folder"),
+        (["export", "--model", model, "--adapter", str(work / "task_a"), "--output", "x"], "not a GuardSpace adapter"),
+        (
+            [
+                "merge",
+                "--model",
+                model,
+                "--adapters",
+                str(work / "task_a"),
+                "--weights",
+                "1",
+                "2",
+                "--safety-data",
+                harmful,
+                "--output",
+                "x",
+            ],
+            "--weights has 2 values",
+        ),  # fmt: skip
+        (["report", "--model", model], "required: --adapter"),
+        (["frobnicate"], "invalid choice"),
+    ]
+    for argv, message in cases:
+        try:
+            code = main(argv)
+        except SystemExit as exit_info:  # argparse errors
+            code = exit_info.code
+        assert code == 2, argv
+        assert message in _one_line_error(capsys.readouterr().err), argv
+
+
+def test_load_prompts_formats(tmp_path):
+    (tmp_path / "a.csv").write_text("goal,target\nDo harm,Sure\nMore harm,Sure\n")
+    (tmp_path / "b.tsv").write_text("text one\t0\ntext two\t1\n")
+    (tmp_path / "c.json").write_text(json.dumps([{"prompt": "p1"}, {"prompt": "p2"}]))
+    assert load_prompts(str(tmp_path / "a.csv")) == ["Do harm", "More harm"]
+    assert load_prompts(str(tmp_path / "b.tsv"), column="0", limit=1) == ["text one"]
+    assert load_prompts(str(tmp_path / "c.json")) == ["p1", "p2"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft_safety.somf") is None, reason="peft_safety.somf not available")
+def test_merge_with_safety_mask(work):
+    refusal = "I'm sorry, but I cannot help with that request."
+    pairs = [{"prompt": p, "chosen": refusal, "rejected": "Sure, here is how"} for p in HARMFUL_PROMPTS]
+    (work / "safety.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    out = work / "merged"
+    code = main([
+        "merge", "--model", str(work / "model"), "--adapters", str(work / "task_a"), str(work / "task_b"),
+        "--safety-data", str(work / "safety.jsonl"), "--option", "max_steps=2", "--option", "progress_bar=false",
+        "--output", str(out), "--masks-output", str(work / "masks.safetensors"),
+    ])  # fmt: skip
+    assert code == 0
+    assert (out / "safe_merged" / "adapter_config.json").is_file() and (work / "masks.safetensors").is_file()

@@ -1,0 +1,134 @@
+"""GuardSpace maths as pure functions: damping, preconditioned SVD init, null-space basis, projection, bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peft_safety.guardspace.decomposition import (
+    calibration_error_bound,
+    damp_covariance,
+    null_space_basis,
+    project_rows,
+    smallest_component_init,
+)
+
+
+def low_rank_inputs(tokens: int, n: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, n, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 3, n).double()
+
+
+def covariance_of(x: torch.Tensor) -> torch.Tensor:
+    return x.T @ x / x.shape[0]
+
+
+def residual(c: torch.Tensor, d: float) -> float:
+    damped = c + d * torch.diagonal(c).mean() * torch.eye(c.shape[0], dtype=c.dtype)
+    return float(torch.linalg.matrix_norm(damped @ torch.linalg.inv(damped) - torch.eye(c.shape[0], dtype=c.dtype)))
+
+
+@pytest.mark.parametrize("tolerance", [0.05, 1e-14, 3e-15])
+def test_damping_doubling_rule(tolerance):
+    # badly conditioned, singular covariance: tiny tolerances force several doublings
+    c = covariance_of(low_rank_inputs(20, 48) * torch.logspace(0, 6, 48).double())
+    damped, inverse, d = damp_covariance(c, start=0.01, tolerance=tolerance)
+    torch.testing.assert_close(damped, c + d * torch.diagonal(c).mean() * torch.eye(48, dtype=torch.float64))
+    torch.testing.assert_close(inverse, torch.linalg.inv(damped))
+    # d is the first value of 0.01 * 2**j meeting the criterion
+    j = round(torch.log2(torch.tensor(d / 0.01)).item())
+    assert d == pytest.approx(0.01 * 2**j, rel=1e-12)
+    assert residual(c, d) < tolerance
+    assert all(residual(c, 0.01 * 2**i) >= tolerance for i in range(j))
+
+
+def test_damping_gives_up_with_a_clear_error():
+    with pytest.raises(ValueError, match="Could not damp"):
+        damp_covariance(torch.eye(4, dtype=torch.float64), tolerance=0.0, max_doublings=3)
+
+
+@pytest.mark.parametrize("scaling", [1.0, 2.0, 0.5])
+def test_preconditioned_svd_reconstructs_the_weight(scaling):
+    torch.manual_seed(0)
+    m, n, r = 24, 32, 5
+    weight = torch.randn(m, n)
+    damped, inverse, _ = damp_covariance(covariance_of(low_rank_inputs(10, n)))
+    u, s, vh = torch.linalg.svd(weight.double() @ damped, full_matrices=False)
+    b0, a0, kept = smallest_component_init(weight, damped, inverse, r, scaling)
+    assert b0.shape == (m, r) and a0.shape == (r, n) and b0.dtype == torch.float32
+    # the r smallest singular values, largest of them first
+    torch.testing.assert_close(kept.double(), s[-r:], rtol=1e-6, atol=0)
+    assert torch.all(kept[:-1] >= kept[1:])
+    # W = U S (C~^-1 V)^T: the adapter part plus the remaining (largest) components is W
+    remaining = (u[:, :-r] * s[:-r]) @ (vh[:-r] @ inverse)
+    torch.testing.assert_close(scaling * b0.double() @ a0.double() + remaining, weight.double(), rtol=0, atol=1e-5)
+    # and with every component in the adapter, the adapter alone is W
+    b_all, a_all, _ = smallest_component_init(weight, damped, inverse, min(m, n), scaling)
+    torch.testing.assert_close(scaling * b_all @ a_all, weight, rtol=0, atol=1e-5)
+
+
+def test_init_rejects_bad_rank():
+    damped, inverse, _ = damp_covariance(torch.eye(8, dtype=torch.float64))
+    for r in (0, 7):
+        with pytest.raises(ValueError, match=r"min\(out, in\)=6"):
+            smallest_component_init(torch.randn(6, 8), damped, inverse, r, 1.0)
+
+
+@pytest.mark.parametrize("tokens, expected_kind", [(10, "range"), (40, "null")])
+def test_null_or_range_basis_whichever_is_smaller(tokens, expected_kind):
+    n = 48
+    x = low_rank_inputs(tokens, n)
+    c = covariance_of(x)
+    basis = null_space_basis(c, threshold=1e-10)
+    assert basis.null_dim == n - tokens
+    assert basis.kind == expected_kind
+    assert basis.basis.shape == (n, min(n - tokens, tokens))
+    assert basis.in_features == n
+    torch.testing.assert_close(basis.basis.T @ basis.basis, torch.eye(basis.basis.shape[1]), rtol=0, atol=1e-5)
+    # counts match the eigen-decomposition with a relative threshold
+    eigenvalues = torch.linalg.eigvalsh(c)
+    for threshold in (1e-10, 1e-3, 1e-1):
+        expected = int((eigenvalues <= threshold * eigenvalues[-1]).sum())
+        assert null_space_basis(c, threshold).null_dim == expected
+
+
+def test_null_and_range_projectors_agree_and_annihilate_calibration_inputs():
+    n, tokens = 48, 30
+    x = low_rank_inputs(tokens, n, seed=3)
+    eigenvalues, vectors = torch.linalg.eigh(covariance_of(x))
+    null = eigenvalues <= 1e-10 * eigenvalues[-1]
+    null_basis, range_basis = vectors[:, null].float(), vectors[:, ~null].float()
+    matrix = torch.randn(6, n)
+    via_null = project_rows(matrix, null_basis, "null")
+    via_range = project_rows(matrix, range_basis, "range")
+    torch.testing.assert_close(via_null, via_range, rtol=0, atol=1e-5)
+    dense = null_basis @ null_basis.T
+    torch.testing.assert_close(dense, dense @ dense, rtol=0, atol=1e-5)  # a projector
+    assert float((via_null @ x.float().T).abs().max()) < 1e-4 * float(matrix.abs().max() * x.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["null", "range"])
+def test_project_rows_equals_dense_product(kind):
+    torch.manual_seed(1)
+    n = 40
+    basis, _ = torch.linalg.qr(torch.randn(n, 13))
+    matrix = torch.randn(7, n)
+    dense = basis @ basis.T if kind == "null" else torch.eye(n) - basis @ basis.T
+    torch.testing.assert_close(project_rows(matrix, basis, kind), matrix @ dense, rtol=0, atol=1e-5)
+    # the basis is cast to the matrix' dtype
+    assert project_rows(matrix.double(), basis, kind).dtype == torch.float64
+
+
+@pytest.mark.parametrize("threshold", [1e-6, 1e-3, 1e-1])
+def test_calibration_error_bound_holds_for_approximate_null_spaces(threshold):
+    n = 32
+    # full-rank inputs with a decaying spectrum: the "null space" at the threshold is only approximate
+    x = low_rank_inputs(200, n, seed=5) * torch.logspace(0, -6, n).double()
+    c = covariance_of(x)
+    basis = null_space_basis(c, threshold)
+    assert 0 < basis.null_dim < n
+    generator = torch.Generator().manual_seed(0)
+    update = project_rows(torch.randn(16, n, generator=generator, dtype=torch.float64), basis.basis, basis.kind)
+    rms_change = float(((x @ update.T) ** 2).sum(dim=1).mean().sqrt())
+    bound = calibration_error_bound(float(torch.linalg.matrix_norm(update, ord=2)), c, threshold)
+    assert 0 < rms_change <= bound * (1 + 1e-6)
