@@ -1,10 +1,12 @@
 """peft-safety: keep aligned LLMs safe while they are fine-tuned (GuardSpace) and merged (SOMF) with PEFT.
 
 ``import peft_safety`` is all the registration needed: ``peft.get_peft_model(model, GuardSpaceConfig(...))``
-and ``PeftModel.from_pretrained`` then handle GuardSpace adapters.
+and ``PeftModel.from_pretrained`` then handle GuardSpace adapters, and every ``PeftModel`` holding LoRA adapters
+gains ``merge_with_safety_mask`` (SOMF). Evaluation lives in ``peft_safety.evaluation``.
 """
 
 from . import _peft_compat
+from .distributed import verify_statistics_across_ranks
 from .guardspace import GuardSpaceConfig, GuardSpaceReport, export_to_lora, guardspace_report
 from .somf import SafetyMasks, SOMFConfig, SOMFMerger
 from .statistics import SafetyStatistics, collect_safety_statistics
@@ -23,4 +25,5 @@ __all__ = [
     "collect_safety_statistics",
     "export_to_lora",
     "guardspace_report",
+    "verify_statistics_across_ranks",
 ]

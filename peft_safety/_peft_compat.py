@@ -76,24 +76,29 @@ def _wrap_inject_adapter(inject_adapter):
 def _upgrade_plain_lora_layers(model: nn.Module, config) -> None:
     """Let target layers that already hold plain LoRA adapters also hold GuardSpace ones.
 
-    ``GuardSpaceLinear`` only adds methods to ``lora.Linear`` (its ``lora_guard`` dict is created on first use), so
-    an exact ``lora.Linear`` is re-classed in place; its existing adapters behave exactly as before.
+    The GuardSpace layer classes only add methods to PEFT's (``lora_guard`` is created on first use), so an exact
+    ``lora.Linear`` / bnb ``Linear4bit`` / ``Linear8bitLt`` is re-classed in place; its adapters behave as before.
+    Every target is checked before any is re-classed.
     """
-    from peft.tuners.lora import Linear as LoraLinear
-
     from ._targets import resolve_target_modules
-    from .guardspace.layer import GuardSpaceLinear
+    from .guardspace.bnb import BNB_LAYERS
+    from .guardspace.layer import GuardSpaceLayerMixin, GuardSpaceLinear
 
+    upgrades = {cls.__bases__[-1]: cls for cls in (GuardSpaceLinear, *BNB_LAYERS.values())}
     modules = dict(model.named_modules())
-    for name in resolve_target_modules(model, config.target_modules, config.exclude_modules):
-        module = modules[name]
-        if type(module) is LoraLinear:
-            module.__class__ = GuardSpaceLinear
-        elif isinstance(module, BaseTunerLayer) and not isinstance(module, GuardSpaceLinear):
-            raise ValueError(
-                f"'{name}' already holds adapters of type {type(module).__name__}; GuardSpace adapters can be added "
-                "next to plain LoRA adapters on nn.Linear / Conv1D layers only."
-            )
+    wrapped = [
+        modules[name]
+        for name in resolve_target_modules(model, config.target_modules, config.exclude_modules)
+        if isinstance(modules[name], BaseTunerLayer) and not isinstance(modules[name], GuardSpaceLayerMixin)
+    ]
+    unsupported = [module for module in wrapped if type(module) not in upgrades]
+    if unsupported:
+        raise ValueError(
+            f"A target layer already holds adapters of type {type(unsupported[0]).__name__}; GuardSpace adapters can "
+            "be added next to plain LoRA adapters on nn.Linear / Conv1D / bitsandbytes layers only."
+        )
+    for module in wrapped:
+        module.__class__ = upgrades[type(module)]
 
 
 def _wrap_from_peft_type(from_peft_type):

@@ -125,6 +125,7 @@ def _rank_work(rank: int, out: Path) -> dict:
     if rank == 0:
         peft_model.save_pretrained(out / "adapter")
     fsdp_guarantee = _fsdp2_run(rank, tokenizer, statistics)
+    somf_checksum, somf_moved = _somf_run(tokenizer)
     checksum = sum(float(p.detach().double().sum()) for p in peft_model.parameters() if p.requires_grad)
     dist.barrier()
     return dict(
@@ -137,6 +138,8 @@ def _rank_work(rank: int, out: Path) -> dict:
         checksum=checksum,
         wrapped=wrapped,
         fsdp_guarantee=fsdp_guarantee,
+        somf_checksum=somf_checksum,
+        somf_moved=somf_moved,
         distributed_type=str(accelerator.distributed_type),
     )
 
@@ -163,6 +166,20 @@ def _fsdp2_run(rank: int, tokenizer, statistics) -> float:
     trained = logits_of(peft_model, tokenizer, HARMFUL_PROMPTS)
     assert moved.isfinite().all()
     return _max_rel(trained, base)
+
+
+def _somf_run(tokenizer) -> tuple[float, float]:
+    """SOMF mask learning with each rank on its own batches: averaged logit gradients keep the ranks identical."""
+    from somf_testbed import TASK_ROWS, TRAIN_HARMFUL, make_adapters, pairs
+
+    from peft_safety import SOMFConfig, SOMFMerger
+
+    peft_model = make_adapters(tokenizer)
+    config = SOMFConfig(max_steps=3, batch_size=2, eval_batches=1, progress_bar=False)
+    masks = SOMFMerger(config).fit(peft_model, ["poisoned", "task"], pairs(TRAIN_HARMFUL), tokenizer, TASK_ROWS)
+    logits = list(masks.logits.values())
+    moved = max(float((value - config.init_logit).abs().max()) for value in logits)
+    return sum(float(value.double().sum()) for value in logits), moved
 
 
 def _spawn(out_dir: Path) -> list[dict]:
@@ -229,6 +246,9 @@ def test_two_process_statistics_and_ddp_training(tmp_path):
     assert all(result["fsdp_guarantee"] < 1e-4 for result in results)
     assert all(result["guarantee"] < 1e-4 for result in results), [r["guarantee"] for r in results]
     assert results[0]["checksum"] == pytest.approx(results[1]["checksum"], rel=1e-9)
+    # SOMF under data parallelism: the masks trained, and stayed identical on both ranks
+    assert all(result["somf_moved"] > 1e-3 for result in results)
+    assert results[0]["somf_checksum"] == pytest.approx(results[1]["somf_checksum"], rel=1e-12)
     # statistics from 2 processes, used by 1 process (another world size): load and initialise
     _single_process_reference(tmp_path / "stats.safetensors", tmp_path / "reference")
     saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")

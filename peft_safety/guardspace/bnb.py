@@ -22,7 +22,7 @@ from typing import Any
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available
 from torch import nn
 
-from .layer import GUARDSPACE_INIT, GuardSpaceVariant
+from .layer import GuardSpaceLayerMixin
 
 SUPPORTED_QUANTIZATION = "bitsandbytes 4-bit (nf4/fp4, double quantisation on or off) and 8-bit (LLM.int8())"
 _BNB_METHODS = {"bitsandbytes", "bitsandbytes_4bit", "bitsandbytes_8bit"}
@@ -74,43 +74,17 @@ def check_quantization(model: nn.Module) -> None:
         )
 
 
-class _GuardSpaceBnbMixin:
-    """What a PEFT bnb LoRA layer needs to hold GuardSpace adapters; plain LoRA adapters are left to PEFT."""
+class _GuardSpaceBnbMixin(GuardSpaceLayerMixin):
+    """PEFT's bnb LoRA layers call ``update_layer`` without ``target_name``, which the GuardSpace init needs."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, target_name: str = "", **kwargs: Any):
-        # PEFT's bnb ``__init__`` calls ``update_layer`` without ``target_name``; the GuardSpace init needs it.
         self.__dict__["_guardspace_target_name"] = target_name
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs: Any) -> None:
-        if "lora_guard" not in self._modules:
-            self.lora_guard = nn.ModuleDict()
         if not kwargs.get("target_name"):
             kwargs["target_name"] = self.__dict__.get("_guardspace_target_name", "")
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
-
-    def resolve_lora_variant(self, *, config, **kwargs: Any):
-        if config.init_lora_weights == GUARDSPACE_INIT:
-            return GuardSpaceVariant()
-        return super().resolve_lora_variant(config=config, **kwargs)
-
-    def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
-        if init_lora_weights == GUARDSPACE_INIT:
-            return  # GuardSpaceVariant.init sets A and B
-        super().reset_lora_parameters(adapter_name, init_lora_weights)
-
-    def get_delta_weight(self, adapter: str):
-        if adapter in self.lora_guard:
-            return GuardSpaceVariant.delta_weight(self, adapter)
-        return super().get_delta_weight(adapter)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        if adapter_name in self.lora_guard:
-            del self.lora_guard[adapter_name]
-
-    def __repr__(self) -> str:
-        return "guardspace." + super().__repr__()
 
 
 BNB_LAYERS: dict[type[nn.Module], type[nn.Module]] = {}

@@ -113,17 +113,11 @@ class GuardSpaceVariant(lora_layer.LoraVariant):
         return result + (trained - offset) * scaling
 
 
-class GuardSpaceLinear(lora_layer.Linear):
-    """``lora.Linear`` that can also hold GuardSpace adapters (``init_lora_weights="guardspace"``).
+class GuardSpaceLayerMixin:
+    """What a PEFT LoRA layer class needs to also hold GuardSpace adapters (``init_lora_weights="guardspace"``).
 
-    Plain LoRA adapters on the same layer behave exactly as in ``peft``.
+    Mixed in before a ``peft`` LoRA layer class; plain LoRA adapters on the same layer stay PEFT's.
     """
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
-        if isinstance(base_layer, Conv1D) or kwargs.get("is_target_conv_1d_layer"):
-            kwargs["is_target_conv_1d_layer"] = True
-            config.fan_in_fan_out = True  # what peft's own dispatcher does for GPT-2's Conv1D
-        super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs: Any) -> None:
         if "lora_guard" not in self._modules:  # first adapter: nn.Module.__init__ has run by now
@@ -153,3 +147,13 @@ class GuardSpaceLinear(lora_layer.Linear):
 
     def __repr__(self) -> str:
         return "guardspace." + super().__repr__()
+
+
+class GuardSpaceLinear(GuardSpaceLayerMixin, lora_layer.Linear):
+    """``lora.Linear`` (``nn.Linear`` and GPT-2 ``Conv1D`` bases) that can also hold GuardSpace adapters."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
+        if isinstance(base_layer, Conv1D) or kwargs.get("is_target_conv_1d_layer"):
+            kwargs["is_target_conv_1d_layer"] = True
+            config.fan_in_fan_out = True  # what peft's own dispatcher does for GPT-2's Conv1D
+        super().__init__(base_layer, adapter_name, config=config, **kwargs)

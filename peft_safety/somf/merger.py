@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from peft.tuners.lora import LoraModel
 from tqdm.auto import tqdm
 
@@ -110,7 +111,8 @@ class SOMFMerger:
         kind = "preference" if cfg.objective == "dpo" else "completion"
         safety_rows = encode_rows(tokenizer, safety_data, kind, cfg.max_length)
         retain_rows = encode_rows(tokenizer, retain_data, "completion", cfg.max_length) if retain_data else []
-        batches = _BatchSampler(safety_rows, retain_rows, cfg.batch_size, pad_id(tokenizer), cfg.seed)
+        rank, world = _rank_and_world()
+        batches = _BatchSampler(safety_rows, retain_rows, cfg.batch_size, pad_id(tokenizer), cfg.seed + rank)
         fusion.noise = torch.Generator().manual_seed(cfg.seed)
 
         losses: list[float] = []
@@ -126,6 +128,7 @@ class SOMFMerger:
                 penalty = cfg.budget_weight * budget_penalty(list(logits.values()), cfg.revert_budget)
                 if penalty.requires_grad and float(penalty.detach()) > 0:
                     penalty.backward()
+                _average_gradients(list(logits.values()), world)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(total + float(penalty.detach()))
@@ -282,6 +285,24 @@ class _frozen:
         for param, flag in self.flags.items():
             param.requires_grad_(flag)
         self.model.train(self.training)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(logits: list[torch.Tensor], world: int) -> None:
+    """Data parallelism for the mask: each rank draws its own batches, logit gradients are averaged (as DDP does
+    for parameters), so every rank takes the same Adam step and keeps identical logits."""
+    if world == 1:
+        return
+    for tensor in logits:
+        if tensor.grad is None:
+            tensor.grad = torch.zeros_like(tensor)
+        dist.all_reduce(tensor.grad)
+        tensor.grad /= world
 
 
 class _BatchSampler:
