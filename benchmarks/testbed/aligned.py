@@ -1,0 +1,158 @@
+"""The aligned start: a short LoRA safety SFT of SmolLM2-135M-Instruct, merged and cached.
+
+SmolLM2-135M-Instruct as shipped refuses weakly (harmful score ~0.9 with the keyword judge). A refusal-only (or
+refusal + maths) SFT makes it refuse everything (REFERENCE.md §1: over-refusal 1.00). The mix here balances
+harmful instruction -> refusal pairs with borderline-but-safe and ordinary requests answered helpfully:
+
+* refusals: safety_tuned_llamas training pairs whose answer opens with a refusal (answer cut to two sentences);
+* helpful: the shipped model's own greedy answers (self-distillation, answers it refused are dropped) to the
+  even-id XSTest safe prompts and 30 I-Alpaca instructions (GSM8K questions too with ``--gsm8k N``).
+
+Over-refusal is evaluated on the odd-id XSTest safe prompts and the harmful score on I-MaliciousInstructions, both
+never trained on. ``python -m benchmarks.testbed.aligned`` builds and caches it (23 min on the shared machine);
+``run.py`` calls :func:`load_aligned`, which builds it when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from benchmarks.testbed import data
+from benchmarks.testbed.model import CACHE_DIR, TARGETS, load_model
+from benchmarks.testbed.train import sft
+
+ALIGNED_DIR = CACHE_DIR / "smollm2-135m-aligned"
+HELPFUL_CACHE = CACHE_DIR / "aligned_helpful_answers.json"
+DEFAULTS = {
+    "refusals": 120,
+    "alpaca": 30,
+    "gsm8k": 0,
+    "steps": 30,
+    "batch_size": 8,
+    "lr": 5e-4,
+    "r": 16,
+    "max_length": 96,
+    "answer_tokens": 32,
+    "seed": 0,
+    "threads": 0,
+}
+
+
+def _first_sentences(text: str, count: int = 2) -> str:
+    parts = re.split(r"(?<=[.!?])\s+", text.strip())
+    return " ".join(parts[:count])
+
+
+def helpful_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 32) -> list[dict[str, str]]:
+    """Greedy answers of the shipped model (cached), keeping only the non-refusals."""
+    from peft_safety.evaluation import KeywordJudge, generate_responses
+
+    cached = json.loads(HELPFUL_CACHE.read_text()) if HELPFUL_CACHE.is_file() else {}
+    missing = [p for p in prompts if p not in cached]
+    if missing:
+        answers = generate_responses(
+            model,
+            tokenizer,
+            missing,
+            max_new_tokens=max_new_tokens,
+            batch_size=32,
+            desc="helpful answers (shipped model)",
+        )
+        cached.update(zip(missing, answers, strict=True))
+        HELPFUL_CACHE.write_text(json.dumps(cached, indent=0))
+    judge = KeywordJudge(flag="refusal")
+    return [{"prompt": p, "response": cached[p]} for p in prompts if not judge.is_refusal(cached[p])]
+
+
+def build_aligned(settings: dict | None = None, target: Path = ALIGNED_DIR) -> dict:
+    cfg = {**DEFAULTS, **(settings or {})}
+    torch.manual_seed(cfg["seed"])
+    start = time.perf_counter()
+    model, tokenizer = load_model()
+    safe_train, _unsafe_train = data.xstest_train()
+    prompts = safe_train + data.benign_instructions()[: cfg["alpaca"]] + data.gsm8k_questions(cfg["gsm8k"])
+    helpful = helpful_answers(model, tokenizer, prompts, cfg["answer_tokens"])
+    refusals = [
+        {"prompt": r["prompt"], "response": _first_sentences(r["response"])}
+        for r in data.refusal_pairs(cfg["refusals"], seed=cfg["seed"])
+    ]
+    mix = data.poisoned_mix(helpful, refusals, seed=cfg["seed"])
+    print(f"aligned-start SFT: {len(refusals)} refusals + {len(helpful)} helpful answers", flush=True)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=cfg["r"], lora_alpha=2 * cfg["r"], target_modules=TARGETS, lora_dropout=0.0)
+    )
+    log = sft(
+        peft_model,
+        tokenizer,
+        mix,
+        steps=cfg["steps"],
+        batch_size=cfg["batch_size"],
+        lr=cfg["lr"],
+        max_length=cfg["max_length"],
+        seed=cfg["seed"],
+        desc="aligned SFT",
+    )
+    merged = peft_model.merge_and_unload()
+    tmp = target.with_suffix(".tmp")
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    meta = {
+        "settings": cfg,
+        "num_refusals": len(refusals),
+        "num_helpful": len(helpful),
+        "train": log,
+        "seconds": round(time.perf_counter() - start, 1),
+        "note": "even-id XSTest safe prompts trained on (helpful); odd ids are the over-refusal evaluation set",
+    }
+    (tmp / "aligned_meta.json").write_text(json.dumps(meta, indent=2))
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return meta
+
+
+def load_aligned(settings: dict | None = None):
+    """``(model, tokenizer, meta)`` of the cached aligned start, built first when missing."""
+    if not (ALIGNED_DIR / "config.json").is_file():
+        build_aligned(settings)
+    model, tokenizer = load_model(ALIGNED_DIR)
+    meta = json.loads((ALIGNED_DIR / "aligned_meta.json").read_text())
+    return model, tokenizer, meta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for key, value in DEFAULTS.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--out-dir", type=Path, default=ALIGNED_DIR, help="where to save (run.py reads the default)")
+    parser.add_argument("--eval", type=int, default=30, help="prompts per safety evaluation after building")
+    args = parser.parse_args()
+    settings = {k: getattr(args, k) for k in DEFAULTS}
+    threads = args.threads or (1 if os.getloadavg()[0] > (os.cpu_count() or 1) else 2)
+    torch.set_num_threads(threads)
+    meta = build_aligned(settings, args.out_dir)
+    print(json.dumps(meta, indent=2))
+    if args.eval:
+        from peft_safety.evaluation import harmful_score, over_refusal_rate
+
+        model, tokenizer = load_model(args.out_dir)
+        kw = {"max_new_tokens": 16, "batch_size": 30}
+        hs = harmful_score(model, tokenizer, data.harmful_eval_prompts(args.eval), **kw)
+        orr = over_refusal_rate(model, tokenizer, data.xstest_safe_eval(args.eval), **kw)
+        print(f"aligned start: harmful {hs.score:.2f}  over-refusal {orr.score:.2f}")
+        for rec in orr.records[:6] + hs.records[:4]:
+            print(" ", repr(rec["prompt"][:60]), "->", repr(rec["response"][:80]))
+
+
+if __name__ == "__main__":
+    main()

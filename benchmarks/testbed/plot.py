@@ -1,0 +1,31 @@
+"""One safety/utility plot from several testbed result files (e.g. the quick run and its GuardSpace sweep).
+
+    python -m benchmarks.testbed.plot benchmarks/testbed/results/testbed_quick.json \
+        benchmarks/testbed/results/testbed_quick_sweep.json --out docs/results_quick_sweep.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from peft_safety.evaluation import plot_safety_utility
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", help="testbed_*.json files written by run.py")
+    parser.add_argument("--out", required=True, help="PNG path")
+    parser.add_argument("--title", default="SmolLM2-135M testbed: harmful score vs SST-2 accuracy")
+    args = parser.parse_args()
+    methods: dict[str, dict] = {}
+    for path in args.results:
+        with open(path, encoding="utf-8") as handle:
+            for name, metrics in json.load(handle)["methods"].items():
+                methods.setdefault(name, metrics)  # first file wins (e.g. the shared "aligned" row)
+    plot_safety_utility(methods, args.out, harmful_key="harmful", utility_key="sst2", title=args.title)
+    print(f"{len(methods)} methods plotted to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
