@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._prompts import prompt_texts
 from ._targets import resolve_target_modules, weight_shape
 
 STATISTICS_FORMAT = "peft_safety.safety_statistics/1"
@@ -131,26 +132,6 @@ class SafetyStatistics:
         return digest.hexdigest()
 
 
-def _prompt_texts(prompts: Sequence[str] | Any, text_column: str) -> list[str]:
-    if hasattr(prompts, "column_names"):  # datasets.Dataset
-        if text_column not in prompts.column_names:
-            raise ValueError(
-                f"The dataset has no '{text_column}' column (columns: {prompts.column_names}). "
-                "Pass `text_column=` naming the column that holds the prompts."
-            )
-        texts = list(prompts[text_column])
-    elif isinstance(prompts, str):
-        raise TypeError("`prompts` must be a list of strings or a datasets.Dataset, not a single string.")
-    else:
-        texts = list(prompts)
-    if not texts:
-        raise ValueError("`prompts` is empty: GuardSpace needs harmful calibration prompts (e.g. AdvBench).")
-    bad = [i for i, text in enumerate(texts) if not isinstance(text, str)]
-    if bad:
-        raise TypeError(f"`prompts` must hold strings; entry {bad[0]} is {type(texts[bad[0]]).__name__}.")
-    return texts
-
-
 def _tokenize(
     tokenizer: Any, texts: list[str], max_length: int, chat_template: bool, exclude_bos: bool
 ) -> list[tuple[list[int], list[bool]]]:
@@ -242,7 +223,7 @@ def collect_safety_statistics(
     Under ``torch.distributed`` the prompts are sharded across ranks and the sums and counts all-reduced, so every
     rank returns identical statistics.
     """
-    texts = _prompt_texts(prompts, text_column)
+    texts = prompt_texts(prompts, text_column, "GuardSpace needs harmful calibration prompts (e.g. AdvBench).")
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"`batch_size` and `max_length` must be positive, got {batch_size} and {max_length}.")
     module_names = resolve_target_modules(model, target_modules)

@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from peft_safety.somf.data import collate
+
 
 def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)``: chat-templated prompt + response + EOS; labels -100 on the prompt."""
@@ -24,18 +26,6 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> tuple
         response_ids = response_ids[: max_length // 2]
     prompt_ids = prompt_ids[-(max_length - len(response_ids)) :]
     return prompt_ids + response_ids, [-100] * len(prompt_ids) + response_ids
-
-
-def _collate(rows, pad_id: int):
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return ids, mask, labels
 
 
 def sft(
@@ -76,7 +66,8 @@ def sft(
     losses, start = [], time.perf_counter()
     for step in range(steps):
         batch = [encoded[i] for i in order[step * batch_size : (step + 1) * batch_size]]
-        ids, mask, labels = _collate(batch, pad_id)
+        collated = collate(batch, pad_id)
+        ids, mask, labels = collated["input_ids"], collated["attention_mask"], collated["labels"]
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

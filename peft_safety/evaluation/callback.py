@@ -8,8 +8,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .._prompts import prompt_texts
 from .judges import Judge
-from .metrics import as_prompt_list, harmful_score, over_refusal_rate
+from .metrics import harmful_score, over_refusal_rate
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ class SafetyMonitorCallback(TrainerCallback):
             raise ValueError(f"`every_n_steps` must be positive, got {every_n_steps}.")
         if stop_threshold is not None and not 0.0 <= stop_threshold <= 1.0:
             raise ValueError(f"`stop_threshold` must be in [0, 1], got {stop_threshold}.")
-        self.harmful_prompts = as_prompt_list(harmful_prompts)
-        self.benign_prompts = as_prompt_list(benign_prompts) if benign_prompts is not None else None
+        self.harmful_prompts = prompt_texts(harmful_prompts)
+        self.benign_prompts = prompt_texts(benign_prompts) if benign_prompts is not None else None
         self.tokenizer = tokenizer
         self.every_n_steps = every_n_steps
         self.judge = judge

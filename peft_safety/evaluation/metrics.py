@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from .._prompts import prompt_texts
 from .judges import Judge, KeywordJudge, judge_name
 
 MatchMode = Literal["exact", "label", "regex", "number"]
@@ -57,25 +58,6 @@ class EvaluationResult:
 
     def __repr__(self) -> str:
         return f"EvaluationResult(metric={self.metric!r}, score={self.score:.4f}, num_prompts={self.num_prompts})"
-
-
-def as_prompt_list(prompts: Sequence[str] | Any, text_column: str = "prompt") -> list[str]:
-    """A list of prompt strings from a list or a ``datasets.Dataset`` column."""
-    if hasattr(prompts, "column_names"):
-        if text_column not in prompts.column_names:
-            raise ValueError(
-                f"The dataset has no '{text_column}' column (columns: {prompts.column_names}); pass `text_column=`."
-            )
-        prompts = prompts[text_column]
-    if isinstance(prompts, str):
-        raise TypeError("`prompts` must be a list of strings or a datasets.Dataset, not a single string.")
-    texts = list(prompts)
-    if not texts:
-        raise ValueError("`prompts` is empty.")
-    bad = [i for i, text in enumerate(texts) if not isinstance(text, str)]
-    if bad:
-        raise TypeError(f"`prompts` must hold strings; entry {bad[0]} is {type(texts[bad[0]]).__name__}.")
-    return texts
 
 
 def uses_chat_template(tokenizer: Any, chat_template: bool | None = None) -> bool:
@@ -194,7 +176,7 @@ def _judged(
     show_progress: bool,
     text_column: str,
 ) -> EvaluationResult:
-    texts = as_prompt_list(prompts, text_column)
+    texts = prompt_texts(prompts, text_column)
     responses = generate_responses(
         model,
         tokenizer,
@@ -379,7 +361,7 @@ def task_accuracy(
     For GSM8K use ``match="number"`` and a ``max_new_tokens`` long enough for the reasoning (~256); for SST-2
     style classification ``match="label", labels=["negative", "positive"], first_n_words=4``.
     """
-    texts = as_prompt_list(prompts)
+    texts = prompt_texts(prompts)
     references = [str(r) for r in references]
     if len(references) != len(texts):
         raise ValueError(f"{len(texts)} prompts but {len(references)} references.")

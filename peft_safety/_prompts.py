@@ -1,0 +1,31 @@
+"""Reading a prompt list from user input (a list of strings or a ``datasets.Dataset`` column)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def prompt_texts(prompts: Sequence[str] | Any, text_column: str = "prompt", empty_hint: str = "") -> list[str]:
+    """The prompts as a list of strings.
+
+    Raises:
+        ValueError: for a dataset without ``text_column`` or an empty input (message ends with ``empty_hint``).
+        TypeError: for a single string or non-string entries.
+    """
+    if hasattr(prompts, "column_names"):  # datasets.Dataset
+        if text_column not in prompts.column_names:
+            raise ValueError(
+                f"The dataset has no '{text_column}' column (columns: {prompts.column_names}). "
+                "Pass `text_column=` naming the column that holds the prompts."
+            )
+        prompts = prompts[text_column]
+    if isinstance(prompts, str):
+        raise TypeError("`prompts` must be a list of strings or a datasets.Dataset, not a single string.")
+    texts = list(prompts)
+    if not texts:
+        raise ValueError(f"`prompts` is empty{': ' + empty_hint if empty_hint else '.'}")
+    bad = [i for i, text in enumerate(texts) if not isinstance(text, str)]
+    if bad:
+        raise TypeError(f"`prompts` must hold strings; entry {bad[0]} is {type(texts[bad[0]]).__name__}.")
+    return texts
