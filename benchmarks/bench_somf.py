@@ -3,10 +3,12 @@
 1. one mask-learning step (DPO on ``pairs`` pairs, reference pass included) vs one plain LoRA training step on the
    same sequences (target <= 2x). Measured through the real ``SOMFMerger.fit``: (T(fit, n2 steps) - T(fit, n1 steps))
    / (n2 - n1), so set-up and the final evaluation cancel out;
-2. extra peak memory of mask learning over plain LoRA training on the same batch, each in a fresh process
-   (resident set size polled every millisecond, large blocks mmap-allocated so that frees show), vs the bytes of
-   the adapters' parameters (target <= 3x); the persistent mask state
-   (logits + gradients + Adam moments) is reported too;
+2. extra peak memory of mask learning over plain LoRA training on the same batch, each in a fresh process, vs the
+   bytes of the adapters' parameters (target <= 3x), measured two ways: the peak of live tensor bytes (every
+   allocation and free that torch's profiler records, what ``torch.cuda.max_memory_allocated`` reports on a GPU)
+   and the peak resident set size (polled every millisecond, blocks above 4 KiB mmap-allocated so that frees
+   show; it also counts allocator overhead). The persistent mask state (logits + gradients + Adam moments) is
+   reported too;
 3. final ``SOMFMerger.merge`` with a mask vs ``add_weighted_adapter`` with the same combination (target <= 1.5x).
 
 Run: ``python benchmarks/bench_somf.py`` (a few minutes on two CPU cores); ``--testbed`` prints the final-mask table
@@ -117,6 +119,25 @@ def lora_steps(peft_model, batch: dict, steps: int) -> float:
     return elapsed
 
 
+class PeakTensorBytes:
+    """Peak of live tensor bytes while the context runs, from the allocation/free records of torch's profiler."""
+
+    def __enter__(self) -> PeakTensorBytes:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self.profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.profiler.__exit__(*exc)
+        live = self.peak = 0
+        for event in sorted(self.profiler.events(), key=lambda event: event.time_range.start):
+            # frees are "[memory]" records; allocations are counted on the op that made them
+            live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+            self.peak = max(self.peak, live)
+
+
 class PeakRSS:
     """Polls this process's resident set size (``/proc/self/statm``) every millisecond in a thread."""
 
@@ -146,22 +167,27 @@ class PeakRSS:
 
 
 def memory_worker(args) -> None:
-    """Peak RSS increase (bytes) of 3 steps of ``args.memory_worker`` ("somf" or "lora") over the set-up."""
+    """Peak memory increase (bytes) of 3 steps of ``args.memory_worker`` ("somf" or "lora") over the set-up,
+    measured with ``args.meter`` ("tensors" or "rss")."""
     peft_model, data = build(args), make_pairs(args)
     batch = lora_batch(data)
     gc.collect()
-    with PeakRSS() as meter:
+    with PeakTensorBytes() if args.meter == "tensors" else PeakRSS() as meter:
         if args.memory_worker == "somf":
-            SOMFMerger(somf_config(args, 3)).fit(peft_model, ADAPTERS, data, IdTokenizer())
+            density = None if args.combination == "linear" else 0.5
+            SOMFMerger(somf_config(args, 3)).fit(
+                peft_model, ADAPTERS, data, IdTokenizer(), combination_type=args.combination, density=density
+            )
         else:
             lora_steps(peft_model, batch, 3)
-    print(json.dumps({"extra": meter.peak - meter.baseline}))
+    print(json.dumps({"extra": meter.peak - getattr(meter, "baseline", 0)}))
 
 
-def run_worker(mode: str) -> int:
-    argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--memory-worker", mode]
-    # Large blocks through mmap: freed tensors leave the RSS at once, so the polled peak tracks live memory.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+def run_worker(mode: str, meter: str, combination: str = "linear") -> int:
+    argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--memory-worker", mode, "--meter", meter]
+    argv += ["--combination", combination]
+    # Blocks above 4 KiB through mmap: freed tensors leave the RSS at once, so the polled peak tracks live memory.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "4096"}
     out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
 
@@ -228,6 +254,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--memory-worker", choices=["somf", "lora"], default=None)
+    parser.add_argument("--meter", choices=["tensors", "rss"], default="tensors")
+    parser.add_argument("--combination", choices=["linear", "ties"], default="linear")
     parser.add_argument("--testbed", action="store_true", help="print the final-mask table of docs/somf.md instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -262,7 +290,9 @@ def main() -> None:
 
     fused_bytes = adapter_bytes(peft_model)
     state_bytes = 4 * sum(value.numel() * 4 for value in masks.logits.values())  # logits, grads, 2 Adam moments
-    extra_somf, extra_lora = run_worker("somf"), run_worker("lora")
+    lora_extra = {meter: run_worker("lora", meter) for meter in ("tensors", "rss")}
+    somf_extra = {(meter, "linear"): run_worker("somf", meter) for meter in ("tensors", "rss")}
+    somf_extra["tensors", "ties"] = run_worker("somf", "tensors", "ties")
     shape = (
         f"Llama hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, vocab {args.vocab}; "
         f"2 LoRA adapters r={args.rank} on 7 linear layers; {args.pairs} DPO pairs x {args.seq_len} tokens; "
@@ -277,11 +307,13 @@ def main() -> None:
         f"adapters' parameters {fused_bytes / 2**20:.2f} MiB; persistent mask state {state_bytes / 2**20:.2f} MiB "
         f"({state_bytes / fused_bytes:.2f}x)"
     )
-    print(
-        f"peak RSS increase: mask learning {extra_somf / 2**20:.1f} MiB, plain LoRA {extra_lora / 2**20:.1f} MiB; "
-        f"extra {(extra_somf - extra_lora) / 2**20:.1f} MiB = {(extra_somf - extra_lora) / fused_bytes:.2f}x the "
-        "adapters' bytes (target <= 3x)"
-    )
+    for (meter, combination), somf in somf_extra.items():
+        lora = lora_extra[meter]
+        print(
+            f"peak {'live tensor bytes' if meter == 'tensors' else 'RSS increase'}: mask learning ({combination}) "
+            f"{somf / 2**20:.1f} MiB, plain LoRA {lora / 2**20:.1f} MiB; extra {(somf - lora) / 2**20:.1f} MiB = "
+            f"{(somf - lora) / fused_bytes:.2f}x the adapters' bytes (target <= 3x)"
+        )
     for combination, (ours, peft) in merge_times.items():
         ours_t, peft_t = statistics.median(ours), statistics.median(peft)
         print(

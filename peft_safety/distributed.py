@@ -67,6 +67,7 @@ def full_weight(base_layer: nn.Module) -> Iterator[torch.Tensor]:
     """Yield the complete weight of ``base_layer`` as a plain tensor (dequantised for bitsandbytes layers).
 
     Gathers DeepSpeed ZeRO-3 partitions for the duration of the ``with`` block and all-gathers ``DTensor`` shards.
+
     Raises:
         RuntimeError: for a weight that is partitioned and cannot be gathered here (e.g. FSDP1 ``FlatParameter``
             views outside ``summon_full_params``).

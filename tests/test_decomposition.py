@@ -67,6 +67,20 @@ def test_preconditioned_svd_reconstructs_the_weight(scaling):
     torch.testing.assert_close(scaling * b_all @ a_all, weight, rtol=0, atol=1e-5)
 
 
+def test_balanced_factors_keep_the_product_and_equal_the_norms():
+    """Balancing rescales each component (equal norms in A0 and B0) without changing B0 A0; the paper's factors
+    are ~1/damping larger in A0 on a rank-deficient covariance."""
+    torch.manual_seed(0)
+    weight = torch.randn(24, 32)
+    damped, inverse, _ = damp_covariance(covariance_of(low_rank_inputs(10, 32)))
+    b_paper, a_paper, kept = smallest_component_init(weight, damped, inverse, 5, 2.0, balance=False)
+    b0, a0, kept_balanced = smallest_component_init(weight, damped, inverse, 5, 2.0)
+    torch.testing.assert_close(b0.double() @ a0.double(), b_paper.double() @ a_paper.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a0.norm(dim=1), b0.norm(dim=0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(kept_balanced, kept)
+    assert float((a_paper.norm(dim=1) / b_paper.norm(dim=0)).min()) > 10  # what balancing removes
+
+
 def test_init_rejects_bad_rank():
     damped, inverse, _ = damp_covariance(torch.eye(8, dtype=torch.float64))
     for r in (0, 7):

@@ -108,6 +108,44 @@ def test_guarantee_holds_at_every_step(tokenizer, stats, base_outputs):
         assert max(max_layer_change(model, tokenizer, reference).values()) < 1e-5
 
 
+def test_guarantee_holds_at_a_high_learning_rate(tokenizer, stats, base_outputs):
+    """10 AdamW steps at lr 1e-2 move plain LoRA's layers by O(1) or more; GuardSpace's stay at float rounding."""
+    reference, _ = base_outputs
+    config = GuardSpaceConfig(
+        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats, null_space_threshold=EXACT_THRESHOLD
+    )
+    model = get_peft_model(make_llama(tokenizer), config)
+    train_steps(model, tokenizer, BENIGN_TEXTS, steps=10, lr=1e-2, weight_decay=0.1)
+    assert max(max_layer_change(model, tokenizer, reference).values()) < 1e-4
+
+
+@pytest.mark.parametrize("balance_factors", [True, False])
+def test_calibration_logits_under_bf16_inference(tokenizer, stats, balance_factors):
+    """Evaluated under bf16 autocast, the trained GuardSpace model stays at the bf16 noise of the base model on the
+    calibration prompts (balanced factors); the paper's unbalanced factors amplify that noise ~100x."""
+
+    def bf16_logits(model):
+        model.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return logits_of(model, tokenizer, HARMFUL_PROMPTS).float()
+
+    base = make_llama(tokenizer)
+    base_bf16 = bf16_logits(base)
+    bf16_noise = float((base_bf16 - logits_of(base, tokenizer, HARMFUL_PROMPTS)).abs().max())
+    config = GuardSpaceConfig(
+        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats,
+        null_space_threshold=EXACT_THRESHOLD, balance_factors=balance_factors,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(make_llama(tokenizer), config)
+    train_steps(model, tokenizer, BENIGN_TEXTS, steps=4, lr=5e-3, autocast_dtype=torch.bfloat16)
+    moved = float((bf16_logits(model) - base_bf16).abs().max())
+    if balance_factors:
+        assert moved < 3 * bf16_noise, (moved, bf16_noise)
+    else:
+        assert moved > 20 * bf16_noise, (moved, bf16_noise)  # documents why balancing is the default
+
+
 def test_default_threshold_obeys_the_per_layer_bound(tokenizer, stats):
     threshold = 1e-3  # wide enough that many kept directions carry small nonzero eigenvalues
     config = GuardSpaceConfig(

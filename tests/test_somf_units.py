@@ -9,18 +9,42 @@ import torch
 
 from peft_safety.somf.combinations import COMBINATIONS, get_combination
 from peft_safety.somf.data import encode, encode_rows
-from peft_safety.somf.fusion import concrete_sample
 from peft_safety.somf.masks import SafetyMasks, mask_key, parse_key
 from peft_safety.somf.objectives import budget_penalty, dpo_loss
+from peft_safety.somf.relaxed import concrete_masked, concrete_sample, logistic_noise
 
 
 def test_concrete_sample_mean_and_gradient():
     logits = torch.full((20000,), 3.0, requires_grad=True)
-    sample = concrete_sample(logits, 0.5, torch.Generator().manual_seed(0))
+    sample = concrete_sample(logits, 0.5, seed=0)
     assert ((sample >= 0) & (sample <= 1)).all()
     assert abs(float(sample.mean()) - 0.934) < 0.01  # E[m] at l = 3, T = 0.5, below sigmoid(3) = 0.953
-    sample.sum().backward()
+    assert torch.equal(sample, concrete_sample(logits, 0.5, seed=0))  # the backward pass redraws the same noise
+    assert not torch.equal(sample, concrete_sample(logits, 0.5, seed=1))
+    concrete_masked(torch.ones(20000), logits, 0, 0.5, rescale=False).sum().backward()
     assert (logits.grad >= 0).all() and logits.grad.sum() > 0
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_concrete_masked_matches_plain_autograd(rescale):
+    """The graph-free function has the gradients of ``v * m / mean(m)`` written with ordinary autograd."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(5, 7, dtype=torch.float64)
+
+    def reference(logits, values):
+        mask = torch.sigmoid((logits + logistic_noise(logits, 11)) / 0.5)
+        return values * (mask / mask.mean() if rescale else mask)
+
+    ours = concrete_masked(values, logits, 11, 0.5, rescale)
+    torch.testing.assert_close(ours, reference(logits, values))
+    grads = torch.autograd.grad((ours * weights).sum(), (logits, values))
+    expected = torch.autograd.grad((reference(logits, values) * weights).sum(), (logits, values))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    masked = lambda logit, value: concrete_masked(value, logit, 11, 0.5, rescale)  # noqa: E731
+    assert torch.autograd.gradcheck(masked, (logits, values))
 
 
 def test_final_masks():

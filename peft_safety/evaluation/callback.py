@@ -32,10 +32,14 @@ class SafetyMonitorCallback(TrainerCallback):
         benign_prompts: optional benign prompts for the over-refusal rate (e.g. XSTest "safe").
         tokenizer: the model's tokenizer; defaults to the trainer's ``processing_class``.
         every_n_steps: measurement interval in optimizer steps.
-        judge: harmful-answer judge (default keyword judge); refusal_judge: refusal judge for benign prompts.
+        judge: harmful-answer judge (default keyword judge).
+        refusal_judge: refusal judge for benign prompts.
         stop_threshold: stop training (``control.should_training_stop``) once the harmful score is ``>=`` this.
         measure_at_start: also measure before the first step (step 0), the reference point.
-        max_new_tokens, batch_size, chat_template, system_prompt: generation settings (see ``harmful_score``).
+        max_new_tokens: generation setting (see ``harmful_score``).
+        batch_size: generation setting (see ``harmful_score``).
+        chat_template: generation setting (see ``harmful_score``).
+        system_prompt: generation setting (see ``harmful_score``).
         prefix: metric name prefix, e.g. ``"safety/harmful_score"``.
     """
 

@@ -256,10 +256,12 @@ class GuardModelJudge:
     Args:
         model: a causal LM (object or local path).
         tokenizer: its tokenizer (loaded from ``model`` when a path is given and this is ``None``).
-        unsafe_word, safe_word: the verdict words.
+        unsafe_word: the verdict word of an unsafe answer.
+        safe_word: the verdict word of a safe answer.
         unparsable_score: score of an output that starts with neither word (default 1.0: conservative).
         template: fallback prompt format when the tokenizer has no chat template.
-        max_new_tokens, batch_size: generation settings.
+        max_new_tokens: generation setting (tokens generated per verdict).
+        batch_size: generation setting (conversations per generation batch).
     """
 
     threshold = 0.5

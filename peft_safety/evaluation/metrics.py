@@ -234,7 +234,7 @@ def harmful_score(
         show_progress: tqdm bar.
 
     Returns:
-        :class:`EvaluationResult` with the score and one record per prompt.
+        ``EvaluationResult`` with the score and one record per prompt.
     """
     return _judged(
         "harmful_score", model, tokenizer, prompts, judge or KeywordJudge(), max_new_tokens, batch_size,

@@ -75,7 +75,12 @@ def eigenvalues(symmetric: torch.Tensor) -> torch.Tensor:
 
 
 def smallest_component_init(
-    weight: torch.Tensor, damped: torch.Tensor, damped_inverse: torch.Tensor, r: int, scaling: float
+    weight: torch.Tensor,
+    damped: torch.Tensor,
+    damped_inverse: torch.Tensor,
+    r: int,
+    scaling: float,
+    balance: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adapter factors from the ``r`` smallest components of the covariance-preconditioned SVD.
 
@@ -85,7 +90,10 @@ def smallest_component_init(
         B0 = U_r S'_r^{1/2}                (m x r)
         A0 = S'_r^{1/2} V_r^T C~^{-1}      (r x n)
 
-    so that ``scaling * B0 @ A0 = U_r U_r^T W`` is the part of ``W`` carried by those components.
+    so that ``scaling * B0 @ A0 = U_r U_r^T W`` is the part of ``W`` carried by those components. With
+    ``balance``, component ``i`` is then rescaled, ``A0[i] *= k_i`` and ``B0[:, i] /= k_i`` with
+    ``k_i = (|B0[:, i]| / |A0[i]|)^{1/2}``: the product is unchanged, and ``A0`` no longer carries the ``1 / d``
+    growth of ``C~^{-1}`` in the (near-)null directions of ``C`` (``d`` the damping).
 
     The SVD runs in float64. The smallest singular values set the scale of ``B0`` and ``A0``, and a float32 SVD
     (or a Gram-matrix eigen-decomposition) lifts them to its noise floor, about ``1e-7 sigma_max``: factors up to
@@ -103,6 +111,11 @@ def smallest_component_init(
     root = (s_r / scaling).sqrt()
     b0 = u_r * root
     a0 = (root.unsqueeze(1) * vh_r) @ damped_inverse
+    if balance:
+        # |row i of A0| = |col i of B0|: same product, but C~^{-1} no longer makes A0 ~1/damping times larger
+        # than B0 in the (near-)null directions
+        factor = (b0.norm(dim=0) / a0.norm(dim=1).clamp_min(1e-300)).sqrt()
+        a0, b0 = a0 * factor.unsqueeze(1), b0 / factor
     return b0.float().contiguous(), a0.float().contiguous(), s_r.float()
 
 

@@ -161,7 +161,12 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
     damped, inverse = session.damped_covariance(site, config)
     weight = _float_weight(layer)
     b0, a0, singular_values = smallest_component_init(
-        weight, damped.to(weight.device), inverse.to(weight.device), r, layer.scaling[adapter_name]
+        weight,
+        damped.to(weight.device),
+        inverse.to(weight.device),
+        r,
+        layer.scaling[adapter_name],
+        balance=config.balance_factors,
     )
     lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
     lora_A.data = a0.to(lora_A.dtype).contiguous()

@@ -21,18 +21,14 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .combinations import Combination
 from .masks import mask_key
+from .relaxed import concrete_masked
 from .sites import Site
 
 MODES = ("relaxed", "unmasked", "deployed")
-
-
-def concrete_sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Binary Concrete relaxation ``sigmoid((l + log u - log(1 - u)) / T)``, ``u ~ U(0, 1)`` (same shape as ``l``)."""
-    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype).clamp_(1e-6, 1 - 1e-6)
-    return torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
 
 
 class MaskedFusion:
@@ -49,6 +45,10 @@ class MaskedFusion:
         shared: one mask for all adapters.
         temperature, rescale: Concrete temperature and ``1/mean(m)`` rescale.
         seed: seed of the DARE drops of the deployed merge.
+
+    ``noise_seed`` seeds the Concrete noise and the DARE drops of the next forward pass (the merger sets it per
+    micro-batch); each logit tensor draws its noise from ``(noise_seed, its index)``, so the backward pass can
+    draw it again instead of storing the mask (see :mod:`~peft_safety.somf.relaxed`).
     """
 
     def __init__(
@@ -72,8 +72,8 @@ class MaskedFusion:
         self.mode = "unmasked"
         self.logits: dict[str, torch.Tensor] = {}
         self.deployed: dict[str, torch.Tensor] = {}
-        self.noise: torch.Generator | None = None
-        self.drop_seed = seed
+        self.noise_seed = seed
+        self._key_index: dict[str, int] = {}
         self._linear_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     # --------------------------------------------------------------------------------------------------- masks
@@ -90,30 +90,36 @@ class MaskedFusion:
 
     def init_logits(self, value: float) -> dict[str, nn.Parameter]:
         """Fresh trainable logits, all equal to ``value``."""
-        self.logits = {
-            key: nn.Parameter(torch.full(shape, float(value))) for key, shape in self.logit_shapes().items()
-        }
+        shapes = self.logit_shapes()
+        self.logits = {key: nn.Parameter(torch.full(shape, float(value))) for key, shape in shapes.items()}
+        self._key_index = {key: index for index, key in enumerate(shapes)}
         return self.logits
 
-    def _mask(self, key: str) -> torch.Tensor | None:
-        if self.mode == "unmasked":
-            return None
-        if self.mode == "deployed":
-            return self.deployed[key]
-        return concrete_sample(self.logits[key], self.temperature, self.noise)
+    def _apply_mask(self, values: torch.Tensor, key: str, mode: str, noise_seed: int) -> torch.Tensor:
+        """``values`` under ``mode``: unchanged, times the deployed mask, or times a relaxed sample (each divided by
+        the mask's mean with ``rescale``)."""
+        if mode == "unmasked":
+            return values
+        if mode == "deployed":
+            mask = self.deployed[key]
+            return values * (mask / mask.mean().clamp_min(1e-6) if self.rescale else mask)
+        seed = (noise_seed * 1_000_003 + self._key_index[key]) % 2**63
+        return concrete_masked(values, self.logits[key], seed, self.temperature, self.rescale)
 
     # -------------------------------------------------------------------------------------------------- fusion
-    def fused_factors(self, site: Site, site_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` of the fused adapter at ``site`` (scaling 1) under the current mode."""
+    def fused_factors(
+        self, site: Site, site_index: int, mode: str | None = None, noise_seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of the fused adapter at ``site`` (scaling 1) under ``mode`` and ``noise_seed`` (default: the
+        fusion's current ones)."""
+        mode = self.mode if mode is None else mode
+        noise_seed = self.noise_seed if noise_seed is None else noise_seed
         scalings = [site.factors[adapter].scaling for adapter in self.adapters]
         ref = site.factors.get(self.reference) if self.reference else None
-        shared_masks = {}
-        if self.shared:
-            shared_masks = {side: self._mask(mask_key(site.name, side, None)) for side in ("A", "B")}
         fused = []
         for side_index, side in enumerate(("A", "B")):
-            if self.combination.name == "linear" and (self.shared or self.mode == "unmasked"):
-                fused.append(self._fused_linear(site, side, shared_masks.get(side), ref))
+            if self.combination.name == "linear" and (self.shared or mode == "unmasked"):
+                fused.append(self._fused_linear(site, side, ref, mode, noise_seed))
                 continue
             tasks = []
             for adapter in self.adapters:
@@ -121,16 +127,12 @@ class MaskedFusion:
                 task = getattr(factors, f"lora_{side}")
                 if ref is not None:
                     task = task - (ref.scaling / factors.scaling) ** 0.5 * getattr(ref, f"lora_{side}")
-                mask = shared_masks[side] if self.shared else self._mask(mask_key(site.name, side, adapter))
-                if mask is not None:
-                    task = task * mask
-                    if self.rescale:
-                        task = task / mask.mean().clamp_min(1e-6)
-                tasks.append(task)
+                key = mask_key(site.name, side, None if self.shared else adapter)
+                tasks.append(self._apply_mask(task, key, mode, noise_seed))
             weights = self.combination.side_weights(self.weights, scalings, side)
             if self.combination.random:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(self.drop_seed * 100_003 + 2 * site_index + side_index)
+                    torch.manual_seed(noise_seed * 100_003 + 2 * site_index + side_index)
                     merged = self.combination.combine(tasks, weights, self.density, side, self.majority)
             else:
                 merged = self.combination.combine(tasks, weights, self.density, side, self.majority)
@@ -139,9 +141,10 @@ class MaskedFusion:
             fused.append(merged)
         return fused[0], fused[1]
 
-    def _fused_linear(self, site: Site, side: str, mask: torch.Tensor | None, ref) -> torch.Tensor:
-        """Linear merge with one shared mask: ``C + (m / mean(m)) * sum_i w_i tau_i`` with the weighted sum (and the
-        reference part ``C``) cached, so autograd keeps only ``m`` and ``m / mean(m)`` per matrix (memory)."""
+    def _fused_linear(self, site: Site, side: str, ref, mode: str, noise_seed: int) -> torch.Tensor:
+        """Linear merge with one shared mask: ``C + (m / mean(m)) * sum_i w_i tau_i``, the weighted sum (and the
+        reference part ``C``) computed once and cached: a relaxed mask then adds nothing to the autograd graph but
+        the fused factor itself (memory)."""
         key = (site.name, side)
         if key not in self._linear_cache:
             with torch.no_grad():
@@ -158,9 +161,7 @@ class MaskedFusion:
                 offset = None if ref is None else ref.scaling**0.5 * getattr(ref, f"lora_{side}")
             self._linear_cache[key] = (combined, offset)
         combined, offset = self._linear_cache[key]
-        if mask is not None:
-            scale = mask / mask.mean().clamp_min(1e-6) if self.rescale else mask
-            combined = combined * scale
+        combined = self._apply_mask(combined, mask_key(site.name, side, None), mode, noise_seed)
         return combined if offset is None else combined + offset
 
     # --------------------------------------------------------------------------------------------------- hooks
@@ -180,9 +181,18 @@ class MaskedFusion:
 
     def _hook(self, site: Site, index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            lora_A, lora_B = self.fused_factors(site, index)
             x = args[0]
-            delta = F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B)
+            if self.mode == "relaxed" and torch.is_grad_enabled():
+                # Recompute the fused factors in the backward pass instead of keeping them (and the merge's
+                # intermediates) in the graph: mask learning then stores little more than plain LoRA training.
+                delta = checkpoint(self._delta, x, site, index, self.mode, self.noise_seed, use_reentrant=False)
+            else:
+                delta = self._delta(x, site, index, self.mode, self.noise_seed)
             return output + delta.to(output.dtype)
 
         return hook
+
+    def _delta(self, x: torch.Tensor, site: Site, index: int, mode: str, noise_seed: int) -> torch.Tensor:
+        """``x A^T B^T`` for the fused ``(A, B)`` at ``site``; ``x`` is ``(..., n)``, the result ``(..., m)``."""
+        lora_A, lora_B = self.fused_factors(site, index, mode, noise_seed)
+        return F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B)

@@ -98,7 +98,7 @@ class SOMFMerger:
         """Learn the mask logits; base and adapters stay frozen and unchanged.
 
         Returns:
-            :class:`SafetyMasks` with the logits and, in ``history``, the safety loss of the unmasked merge
+            ``SafetyMasks`` with the logits and, in ``history``, the safety loss of the unmasked merge
             (``before``), of relaxed masks and of the deployed mask after training, and the per-step losses.
         """
         cfg = self.config
@@ -113,7 +113,6 @@ class SOMFMerger:
         retain_rows = encode_rows(tokenizer, retain_data, "completion", cfg.max_length) if retain_data else []
         rank, world = _rank_and_world()
         batches = _BatchSampler(safety_rows, retain_rows, cfg.batch_size, pad_id(tokenizer), cfg.seed + rank)
-        fusion.noise = torch.Generator().manual_seed(cfg.seed)
 
         losses: list[float] = []
         with _frozen(lora_model), fusion.hooked(lora_model):
@@ -121,7 +120,7 @@ class SOMFMerger:
             for step in bar:
                 total = 0.0
                 for micro in range(cfg.gradient_accumulation_steps):
-                    fusion.drop_seed = cfg.seed + 1 + step * cfg.gradient_accumulation_steps + micro
+                    fusion.noise_seed = cfg.seed + 1 + step * cfg.gradient_accumulation_steps + micro
                     loss, _ = self._loss(lora_model, fusion, batches.next(), "relaxed")
                     (loss / cfg.gradient_accumulation_steps).backward()
                     total += float(loss.detach()) / cfg.gradient_accumulation_steps
@@ -183,7 +182,7 @@ class SOMFMerger:
         results: dict[str, list[float]] = {"before": [], "relaxed": [], "deployed": []}
         for index in range(self.config.eval_batches):
             batch = batches.eval_batch(index)
-            fusion.drop_seed = self.config.seed
+            fusion.noise_seed = self.config.seed
             for mode, name in (("unmasked", "before"), ("relaxed", "relaxed"), ("deployed", "deployed")):
                 if name == "before" and self.config.objective == "dpo":
                     results[name].append(math.log(2.0))  # policy == reference

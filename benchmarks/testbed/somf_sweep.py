@@ -1,0 +1,127 @@
+"""SOMF settings on the testbed: which revert budget, final mask and step count realign a poisoned adapter.
+
+The plain-LoRA SST-2 adapter of the quick run (same data, seed and steps as ``run.py --quick``; cached after the
+first run) is realigned with ``merge_with_safety_mask`` under each setting; every row is evaluated like the quick
+run (harmful score, over-refusal, SST-2) and also counts the *empty* answers to harmful prompts, which the keyword
+judge scores as refusals (a mask that learns to stop answering is not a safe model).
+
+    python -m benchmarks.testbed.somf_sweep --budgets 0.1 0.3 0.5 --final-masks expected budget --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model
+
+from benchmarks.testbed import data
+from benchmarks.testbed.aligned import load_aligned
+from benchmarks.testbed.model import CACHE_DIR
+from benchmarks.testbed.run import QUICK, _mixes, evaluate, lora_config, somf_data
+from benchmarks.testbed.train import sft
+from peft_safety.somf import SOMFConfig
+
+ADAPTER_DIR = CACHE_DIR / "quick_lora_sst2"
+
+
+def poisoned_adapter(cfg: dict):
+    """The quick run's plain-LoRA SST-2 adapter on the aligned start (trained once, then loaded)."""
+    model, tok, _ = load_aligned()
+    if (ADAPTER_DIR / "adapter_config.json").is_file():
+        return PeftModel.from_pretrained(model, ADAPTER_DIR, adapter_name="sst2"), tok
+    _, sst2_mix, _ = _mixes(cfg, cfg["p"][0])
+    peft_model = get_peft_model(model, lora_config(cfg), adapter_name="sst2")
+    train_kw = {k: cfg[k] for k in ("steps", "batch_size", "lr", "max_length")}
+    sft(peft_model, tok, sst2_mix, desc="quick lora sst2", **train_kw)
+    peft_model.save_pretrained(ADAPTER_DIR)
+    return peft_model, tok
+
+
+def empty_fraction(result) -> float:
+    return sum(not record["response"].strip() for record in result.records) / len(result.records)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    parser.add_argument("--final-masks", nargs="+", default=["expected", "budget"])
+    parser.add_argument("--steps", type=int, nargs="+", default=[30])
+    parser.add_argument("--pairs", type=int, default=QUICK["somf_pairs"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "somf_sweep.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = {**QUICK, "somf_pairs": args.pairs}
+    sets = {
+        "harmful": data.harmful_eval_prompts(cfg["eval_harmful"]),
+        "xstest": data.xstest_safe_eval(cfg["eval_xstest"]),
+        "sst2": data.sst2_eval(cfg["eval_sst2"]),
+    }
+    retain = [
+        {"prompt": r["prompt"], "completion": r["response"]}
+        for r in data.sst2_train(cfg["n"] + cfg["retain"])[cfg["n"] :]
+    ]
+    peft_model, tok = poisoned_adapter(cfg)
+    rows = []
+
+    def record(name: str, metrics: dict, info: dict) -> None:
+        row = {k: round(v.score, 3) for k, v in metrics.items()}
+        row["empty_harmful"] = round(empty_fraction(metrics["harmful"]), 3)
+        row["empty_over_refusal"] = round(empty_fraction(metrics["over_refusal"]), 3)
+        rows.append({"name": name, **row, **info})
+        print(f"== {name}: {row} {info}", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        header = {
+            "command": "python -m benchmarks.testbed.somf_sweep " + " ".join(sys.argv[1:]),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "settings": cfg,
+        }
+        args.out.write_text(json.dumps({**header, "rows": rows}, indent=2))
+
+    peft_model.set_adapter("sst2")
+    record("lora", evaluate(peft_model, tok, cfg, sets), {})
+    for steps, budget, final in itertools.product(args.steps, args.budgets, args.final_masks):
+        config = SOMFConfig(
+            max_steps=steps,
+            revert_budget=budget,
+            final_mask=final,
+            max_length=cfg["max_length"],
+            eval_batches=1,
+            progress_bar=False,
+            seed=0,
+        )
+        start = time.perf_counter()
+        name = f"somf steps={steps} budget={budget:g} final={final}"
+        masks = peft_model.merge_with_safety_mask(
+            adapters=["sst2"],
+            weights=[1.0],
+            adapter_name="realigned",
+            safety_data=somf_data(cfg, 0),
+            tokenizer=tok,
+            config=config,
+            retain_data=retain,
+        )
+        seconds = time.perf_counter() - start
+        peft_model.set_adapter("realigned")
+        history = masks.history
+        info = {
+            "kept": round(masks.kept_fraction()["per_adapter"]["sst2"], 3),
+            "dpo_loss": [round(history[f"safety_loss_{k}"], 3) for k in ("before", "relaxed", "deployed")],
+            "somf_s": round(seconds, 1),
+        }
+        record(name, evaluate(peft_model, tok, cfg, sets), info)
+        peft_model.set_adapter("sst2")
+        peft_model.delete_adapter("realigned")
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
