@@ -1,4 +1,5 @@
-"""Reading a prompt list from user input (a list of strings or a ``datasets.Dataset`` column)."""
+"""Reading a prompt list from user input (a list of strings or a ``datasets.Dataset`` column), and whether to wrap
+prompts in the tokenizer's chat template."""
 
 from __future__ import annotations
 
@@ -29,3 +30,13 @@ def prompt_texts(prompts: Sequence[str] | Any, text_column: str = "prompt", empt
     if bad:
         raise TypeError(f"`prompts` must hold strings; entry {bad[0]} is {type(texts[bad[0]]).__name__}.")
     return texts
+
+
+def uses_chat_template(tokenizer: Any, chat_template: bool | None = None) -> bool:
+    """``chat_template`` if given, else whether the tokenizer has a chat template."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template is None:
+        return has_template
+    if chat_template and not has_template:
+        raise ValueError("`chat_template=True` but the tokenizer has no chat template; pass chat_template=False.")
+    return bool(chat_template)

@@ -167,7 +167,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
         target_modules=targets,
         batch_size=args.batch_size,
         max_length=args.max_length,
-        chat_template=args.chat_template,
+        chat_template={"auto": None, "yes": True, "no": False}[args.chat_template],
         exclude_bos=args.exclude_bos,
         normalization=args.normalization,
     )
@@ -405,7 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     stats.add_argument("--max-length", type=int, default=256, help="truncate prompts to N tokens (default 256)")
-    stats.add_argument("--chat-template", action="store_true", help="wrap prompts in the tokenizer's chat template")
+    stats.add_argument(
+        "--chat-template",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="wrap prompts in the tokenizer's chat template (auto: when it has one)",
+    )
     stats.add_argument("--exclude-bos", action="store_true", help="leave BOS tokens out of the covariances")
     stats.add_argument("--normalization", default="none", choices=["none", "prompt_max"], help="per-prompt scaling")
     stats.add_argument("--output", required=True, help="statistics file to write (.safetensors)")

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._prompts import prompt_texts
+from ._prompts import prompt_texts, uses_chat_template
 from ._targets import resolve_target_modules, weight_shape
 
 STATISTICS_FORMAT = "peft_safety.safety_statistics/1"
@@ -194,7 +194,7 @@ def collect_safety_statistics(
     max_length: int = 256,
     *,
     text_column: str = "prompt",
-    chat_template: bool = False,
+    chat_template: bool | None = None,
     exclude_bos: bool = False,
     normalization: Normalization = "none",
     accumulate_dtype: torch.dtype = torch.float64,
@@ -211,7 +211,9 @@ def collect_safety_statistics(
         batch_size: prompts per forward pass.
         max_length: prompts are truncated to this many tokens.
         text_column: column of a ``datasets.Dataset`` holding the prompts.
-        chat_template: wrap each prompt as a user turn with the tokenizer's chat template.
+        chat_template: wrap each prompt as a user turn with the tokenizer's chat template. ``None`` (default):
+            when the tokenizer has one, as :func:`~peft_safety.evaluation.harmful_score` does; the covariance
+            should describe the inputs the model sees at inference.
         exclude_bos: leave BOS tokens out of the covariance (they carry "massive activations"); the calibration
             guarantee then no longer covers the BOS position.
         normalization: ``"none"`` or ``"prompt_max"`` (the paper's code: divide each prompt's inputs by their
@@ -227,6 +229,7 @@ def collect_safety_statistics(
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"`batch_size` and `max_length` must be positive, got {batch_size} and {max_length}.")
     module_names = resolve_target_modules(model, target_modules)
+    chat_template = uses_chat_template(tokenizer, chat_template)
     encoded = _tokenize(tokenizer, texts, max_length, chat_template, exclude_bos)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)

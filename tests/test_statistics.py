@@ -198,6 +198,12 @@ def test_chat_template_wraps_each_prompt(model, tokenizer):
     assert templated.num_tokens == rendered.num_tokens == stats_tokens(tokenizer, PROMPTS) + 2 * len(PROMPTS)
     for site, value in rendered.covariance_sums.items():
         torch.testing.assert_close(templated.covariance_sums[site], value, rtol=0, atol=0)
+    # default: the template when the tokenizer has one (as the evaluation does), raw text otherwise
+    assert collect(model, chat, batch_size=4).num_tokens == templated.num_tokens
+    assert collect(model, chat, batch_size=4, chat_template=False).num_tokens == stats_tokens(tokenizer, PROMPTS)
+    assert collect(model, tokenizer, batch_size=4).metadata["chat_template"] is False
+    with pytest.raises(ValueError, match="no chat template"):
+        collect(model, tokenizer, batch_size=4, chat_template=True)
 
 
 def stats_tokens(tokenizer, prompts) -> int:

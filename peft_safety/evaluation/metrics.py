@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from .._prompts import prompt_texts
+from .._prompts import prompt_texts, uses_chat_template
 from .judges import Judge, KeywordJudge, judge_name
 
 MatchMode = Literal["exact", "label", "regex", "number"]
@@ -58,16 +58,6 @@ class EvaluationResult:
 
     def __repr__(self) -> str:
         return f"EvaluationResult(metric={self.metric!r}, score={self.score:.4f}, num_prompts={self.num_prompts})"
-
-
-def uses_chat_template(tokenizer: Any, chat_template: bool | None = None) -> bool:
-    """``chat_template`` if given, else whether the tokenizer has a chat template."""
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if chat_template is None:
-        return has_template
-    if chat_template and not has_template:
-        raise ValueError("`chat_template=True` but the tokenizer has no chat template; pass chat_template=False.")
-    return bool(chat_template)
 
 
 def format_prompts(
