@@ -5,7 +5,8 @@ first run) is realigned with ``merge_with_safety_mask`` under each setting; ever
 run (harmful score, over-refusal, SST-2) and also counts the *empty* answers to harmful prompts, which the keyword
 judge scores as refusals (a mask that learns to stop answering is not a safe model).
 
-    python -m benchmarks.testbed.somf_sweep --budgets 0.1 0.3 0.5 --final-masks expected budget --steps 30
+    python -m benchmarks.testbed.somf_sweep --budgets 0.3 --final-masks expected budget --steps 30 \
+        --learning-rates 0.05 0.25
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     parser.add_argument("--final-masks", nargs="+", default=["expected", "budget"])
     parser.add_argument("--steps", type=int, nargs="+", default=[30])
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[5e-2])
     parser.add_argument("--pairs", type=int, default=QUICK["somf_pairs"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "somf_sweep.json")
+    parser.add_argument("--skip-lora", action="store_true", help="do not evaluate the unrealigned adapter again")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -87,10 +90,13 @@ def main() -> None:
         args.out.write_text(json.dumps({**header, "rows": rows}, indent=2))
 
     peft_model.set_adapter("sst2")
-    record("lora", evaluate(peft_model, tok, cfg, sets), {})
-    for steps, budget, final in itertools.product(args.steps, args.budgets, args.final_masks):
+    if not args.skip_lora:
+        record("lora", evaluate(peft_model, tok, cfg, sets), {})
+    grid = itertools.product(args.steps, args.learning_rates, args.budgets, args.final_masks)
+    for steps, learning_rate, budget, final in grid:
         config = SOMFConfig(
             max_steps=steps,
+            learning_rate=learning_rate,
             revert_budget=budget,
             final_mask=final,
             max_length=cfg["max_length"],
@@ -99,7 +105,7 @@ def main() -> None:
             seed=0,
         )
         start = time.perf_counter()
-        name = f"somf steps={steps} budget={budget:g} final={final}"
+        name = f"somf steps={steps} lr={learning_rate:g} budget={budget:g} final={final}"
         masks = peft_model.merge_with_safety_mask(
             adapters=["sst2"],
             weights=[1.0],

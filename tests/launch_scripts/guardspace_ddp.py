@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest
 from conftest import BENIGN_TEXTS, HARMFUL_PROMPTS, LLAMA_TARGETS, build_tokenizer, encode, layer_outputs, make_llama  # noqa: E402
 
 R, ALPHA, THRESHOLD = 4, 8, 1e-10
-STEPS, LR, WEIGHT_DECAY = 3, 5e-3, 0.1
+STEPS, LR, WEIGHT_DECAY = 3, 1e-3, 0.1
 GUARANTEE_BOUND = 1e-5  # max |adapted - base| / max |base| on the calibration prompts, per adapted layer
 
 
