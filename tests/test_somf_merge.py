@@ -106,7 +106,7 @@ def test_fit_is_reproducible(tokenizer):
     assert all(torch.equal(masks_a.logits[k], masks_b.logits[k]) for k in masks_a.logits)
     final = masks_a.final()
     reverted = sum(int((m == 0).sum()) for m in final.values())
-    assert reverted == int(0.1 * sum(m.numel() for m in final.values()))
+    assert reverted == int(config.revert_budget * sum(m.numel() for m in final.values()))
     assert fused_a.keys() == fused_b.keys() and all(torch.equal(fused_a[k], fused_b[k]) for k in fused_a)
 
 

@@ -67,7 +67,7 @@ QUICK = {
     "calibration": 128,
     "thresholds": [1e-6],
     "calibration_sweep": [],
-    "somf_steps": 6,
+    "somf_steps": 30,
     "somf_pairs": 24,
     "retain": 16,
     "gen_batch": 30,

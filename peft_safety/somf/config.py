@@ -36,14 +36,16 @@ class SOMFConfig:
             reverted entries fall back to it. ``None``: relative to zero (adapters trained from the aligned base).
         retain_weight (`float`, defaults to `1.0`): weight of the retention term, the KL from the unmasked merge to
             the masked one on the completion tokens of ``retain_data`` (skipped without retain data).
-        revert_budget (`float`, defaults to `0.1`): fraction of entries the mask may revert; the expected reverted
+        revert_budget (`float`, defaults to `0.3`): fraction of entries the mask may revert; the expected reverted
             fraction above it is penalised, and the ``"budget"`` final mask reverts exactly this fraction.
         budget_weight (`float`, defaults to `1.0`): weight of the budget hinge.
         final_mask (`"expected" | "budget" | "bernoulli" | "threshold"`, defaults to `"expected"`): the deployed
             mask: ``sigmoid(l)``; a hard mask reverting the ``revert_budget`` lowest logits; a Bernoulli draw with
             ``seed`` (the research code); ``l > 0``. All but ``"bernoulli"`` are deterministic functions of ``l``.
-        learning_rate (`float`, defaults to `5e-2`): Adam learning rate of the logits.
-        max_steps (`int`, defaults to `60`): optimiser steps (the step budget).
+        learning_rate (`float`, defaults to `0.25`): Adam learning rate of the logits. Adam moves a logit by at
+            most about this much per step, so ``max_steps * learning_rate`` must exceed ``init_logit`` for any entry
+            to be reverted (``5e-2`` for 30 steps reverted nothing on the SmolLM2 testbed).
+        max_steps (`int`, defaults to `30`): optimiser steps (the step budget).
         batch_size (`int`, defaults to `4`): safety examples per micro-batch (and retain examples per micro-batch).
         gradient_accumulation_steps (`int`, defaults to `1`): micro-batches per optimiser step.
         max_length (`int`, defaults to `256`): tokens per sequence (prompt truncated from the left).
@@ -62,13 +64,13 @@ class SOMFConfig:
         default=None, metadata={"help": "Safe adapter the task vectors are relative to (None: zero)."}
     )
     retain_weight: float = field(default=1.0, metadata={"help": "Weight of the KL retention term on retain_data."})
-    revert_budget: float = field(default=0.1, metadata={"help": "Fraction of entries the mask may revert."})
+    revert_budget: float = field(default=0.3, metadata={"help": "Fraction of entries the mask may revert."})
     budget_weight: float = field(default=1.0, metadata={"help": "Weight of the revert-budget hinge penalty."})
     final_mask: FinalMask = field(
         default="expected", metadata={"help": "Deployed mask: expected, budget, bernoulli or threshold."}
     )
-    learning_rate: float = field(default=5e-2, metadata={"help": "Adam learning rate of the mask logits."})
-    max_steps: int = field(default=60, metadata={"help": "Number of optimiser steps."})
+    learning_rate: float = field(default=0.25, metadata={"help": "Adam learning rate of the mask logits."})
+    max_steps: int = field(default=30, metadata={"help": "Number of optimiser steps."})
     batch_size: int = field(default=4, metadata={"help": "Examples per micro-batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     max_length: int = field(default=256, metadata={"help": "Maximum tokens per sequence."})
