@@ -75,14 +75,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def sequence_margins(peft_model, tokenizer, prompts: list[str]) -> float:
-    """Mean ``log p(refusal | prompt) - log p(compliance | prompt)`` of the active adapter."""
+def pair_logps(peft_model, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(refusal | prompt), log p(compliance | prompt))`` per prompt under the active adapter."""
     rows = encode_rows(tokenizer, pairs(prompts), "preference", 64)
     batch = collate([row[0] for row in rows] + [row[1] for row in rows], tokenizer.pad_token_id)
     with torch.no_grad():
         logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logps = sequence_logps(logits, batch["labels"])
-    return float((logps[: len(rows)] - logps[len(rows) :]).mean())
+    return logps[: len(rows)], logps[len(rows) :]
+
+
+def sequence_margins(peft_model, tokenizer, prompts: list[str]) -> float:
+    """Mean ``log p(refusal | prompt) - log p(compliance | prompt)`` of the active adapter."""
+    chosen, rejected = pair_logps(peft_model, tokenizer, prompts)
+    return float((chosen - rejected).mean())
 
 
 def task_logits(peft_model, tokenizer) -> torch.Tensor:

@@ -57,17 +57,15 @@ def test_sft_example(tmp_path):
 @pytest.mark.slow
 def test_qlora_example(tmp_path):
     pytest.importorskip("bitsandbytes")
-    done = run_example(
-        "train_guardspace_qlora.py", "--max-steps", "2", "--learning-rate", "5e-3", "--output-dir", str(tmp_path)
-    )
+    done = run_example("train_guardspace_qlora.py", "--max-steps", "2", "--output-dir", str(tmp_path))
     assert "base loaded in 4 bit: True" in done.stdout
     assert "adapted layer type: peft_safety.guardspace.bnb.GuardSpaceLinear4bit" in done.stdout
     assert "GuardSpace: 14 layers" in done.stdout
     numbers = {line.split(":")[0]: line for line in done.stdout.splitlines()}
     change = numbers["max |logit change| vs the 4-bit base"]
     task, calibration = (float(part.rsplit(" ", 1)[1]) for part in change.split(":", 1)[1].split(","))
-    assert task > 1e-2  # it trained (measured 0.14 after one step with a non-zero learning rate)
-    assert calibration < 1e-3 * task  # and left the calibration prompts alone (measured 2e-5)
+    assert task > 1e-2  # it trained (measured 0.27 after one step with a non-zero learning rate)
+    assert calibration < 1e-2 * task  # and left the calibration prompts alone (measured 1e-4)
     assert float(numbers["reloaded adapter"].rsplit(" ", 1)[1]) < 1e-5  # fresh 4-bit base + saved adapter
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 

@@ -108,21 +108,30 @@ def test_guarantee_holds_at_every_step(tokenizer, stats, base_outputs):
         assert max(max_layer_change(model, tokenizer, reference).values()) < 1e-5
 
 
-def test_guarantee_holds_at_a_high_learning_rate(tokenizer, stats, base_outputs):
-    """10 AdamW steps at lr 1e-2 move plain LoRA's layers by O(1) or more; GuardSpace's stay at float rounding."""
+@pytest.mark.parametrize("balance_factors", [False, True])
+def test_guarantee_holds_at_a_high_learning_rate(tokenizer, stats, base_outputs, balance_factors):
+    """10 AdamW steps at lr 1e-2 move plain LoRA's layers by O(1) or more (up to 10x relative). GuardSpace's stay
+    within float rounding amplified by the paper's unbalanced factors (measured 3.3e-3 relative), or at rounding
+    (1.2e-6) with balanced factors."""
     reference, _ = base_outputs
     config = GuardSpaceConfig(
-        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats, null_space_threshold=EXACT_THRESHOLD
-    )
+        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats,
+        null_space_threshold=EXACT_THRESHOLD, balance_factors=balance_factors,
+    )  # fmt: skip
+    torch.manual_seed(0)
     model = get_peft_model(make_llama(tokenizer), config)
     train_steps(model, tokenizer, BENIGN_TEXTS, steps=10, lr=1e-2, weight_decay=0.1)
-    assert max(max_layer_change(model, tokenizer, reference).values()) < 1e-4
+    scale = {name: float(value.abs().max()) for name, value in reference.items()}
+    changes = max_layer_change(model, tokenizer, reference)
+    relative = max(change / scale[name] for name, change in changes.items())
+    assert relative < (1e-5 if balance_factors else 2e-2), relative
 
 
 @pytest.mark.parametrize("balance_factors", [True, False])
 def test_calibration_logits_under_bf16_inference(tokenizer, stats, balance_factors):
     """Evaluated under bf16 autocast, the trained GuardSpace model stays at the bf16 noise of the base model on the
-    calibration prompts (balanced factors); the paper's unbalanced factors amplify that noise ~100x."""
+    calibration prompts with balanced factors; the paper's unbalanced factors (the default) amplify that noise
+    ~100x on this model (not measurably on the SmolLM2 testbed, docs/guardspace.md)."""
 
     def bf16_logits(model):
         model.eval()
@@ -143,7 +152,7 @@ def test_calibration_logits_under_bf16_inference(tokenizer, stats, balance_facto
     if balance_factors:
         assert moved < 3 * bf16_noise, (moved, bf16_noise)
     else:
-        assert moved > 20 * bf16_noise, (moved, bf16_noise)  # documents why balancing is the default
+        assert moved > 20 * bf16_noise, (moved, bf16_noise)  # what balance_factors=True is for
 
 
 def test_default_threshold_obeys_the_per_layer_bound(tokenizer, stats):

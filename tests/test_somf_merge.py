@@ -13,6 +13,7 @@ from somf_testbed import (  # noqa: F401 (one_thread is an autouse fixture)
     assert_unchanged,
     make_adapters,
     one_thread,
+    pair_logps,
     pairs,
     sequence_margins,
     task_logits,
@@ -179,3 +180,19 @@ def test_assert_unchanged_helper_detects_changes(tokenizer):
     next(p for n, p in peft_model.named_parameters() if "lora_A.task" in n).data.add_(1.0)
     with pytest.raises(AssertionError):
         assert_unchanged(peft_model, before)
+
+
+def test_rpo_alpha_keeps_the_chosen_answers_likely(tokenizer):
+    """DPO alone may lower both answers' likelihood; the chosen-answer NLL term (rpo_alpha) keeps the refusals
+    more likely under the deployed merge, on held-out prompts too."""
+    chosen = {}
+    for rpo_alpha in (0.0, 2.0):
+        peft_model = make_adapters(tokenizer)
+        config = SOMFConfig(progress_bar=False, max_steps=20, rpo_alpha=rpo_alpha)
+        peft_model.merge_with_safety_mask(
+            adapters=ADAPTERS, weights=[1.0, 1.0], adapter_name="safe", safety_data=pairs(TRAIN_HARMFUL),
+            tokenizer=tokenizer, retain_data=TASK_ROWS, config=config,
+        )  # fmt: skip
+        peft_model.set_adapter("safe")
+        chosen[rpo_alpha] = float(pair_logps(peft_model, tokenizer, HELDOUT_HARMFUL)[0].mean())
+    assert chosen[2.0] > chosen[0.0] + 0.1, chosen

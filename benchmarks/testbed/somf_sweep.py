@@ -29,19 +29,33 @@ from benchmarks.testbed.run import QUICK, _mixes, evaluate, lora_config, somf_da
 from benchmarks.testbed.train import sft
 from peft_safety.somf import SOMFConfig
 
-ADAPTER_DIR = CACHE_DIR / "quick_lora_sst2"
+ADAPTER_DIRS = {"sst2": CACHE_DIR / "quick_lora_sst2", "agnews": CACHE_DIR / "quick_lora_agnews"}
 
 
-def poisoned_adapter(cfg: dict):
-    """The quick run's plain-LoRA SST-2 adapter on the aligned start (trained once, then loaded)."""
+def poisoned_adapters(cfg: dict, names: list[str]):
+    """The quick run's plain-LoRA adapters (SST-2, and AG News for merges) on the aligned start, each trained once on
+    its poisoned mix and then loaded from the cache."""
     model, tok, _ = load_aligned()
-    if (ADAPTER_DIR / "adapter_config.json").is_file():
-        return PeftModel.from_pretrained(model, ADAPTER_DIR, adapter_name="sst2"), tok
-    _, sst2_mix, _ = _mixes(cfg, cfg["p"][0])
-    peft_model = get_peft_model(model, lora_config(cfg), adapter_name="sst2")
+    _, sst2_mix, agnews_mix = _mixes(cfg, cfg["p"][0])
+    mixes = {"sst2": sst2_mix, "agnews": agnews_mix}
     train_kw = {k: cfg[k] for k in ("steps", "batch_size", "lr", "max_length")}
-    sft(peft_model, tok, sst2_mix, desc="quick lora sst2", **train_kw)
-    peft_model.save_pretrained(ADAPTER_DIR)
+    peft_model = None
+    for name in names:
+        folder = ADAPTER_DIRS[name]
+        if (folder / "adapter_config.json").is_file():
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name)
+            else:
+                peft_model.load_adapter(folder, adapter_name=name)
+            continue
+        if peft_model is None:
+            peft_model = get_peft_model(model, lora_config(cfg), adapter_name=name)
+        else:
+            peft_model.add_adapter(name, lora_config(cfg))
+        peft_model.set_adapter(name)
+        sft(peft_model, tok, mixes[name], desc=f"quick lora {name}", **train_kw)
+        peft_model.save_pretrained(folder.parent / "tmp_adapters", selected_adapters=[name])
+        (folder.parent / "tmp_adapters" / name).rename(folder)
     return peft_model, tok
 
 
@@ -54,7 +68,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     parser.add_argument("--final-masks", nargs="+", default=["expected", "budget"])
     parser.add_argument("--steps", type=int, nargs="+", default=[30])
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[5e-2])
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[0.25])
+    parser.add_argument("--rpo-alphas", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--merge", action="store_true", help="the two-adapter merge (SST-2 + AG News, cat)")
     parser.add_argument("--pairs", type=int, default=QUICK["somf_pairs"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "somf_sweep.json")
@@ -72,7 +88,14 @@ def main() -> None:
         {"prompt": r["prompt"], "completion": r["response"]}
         for r in data.sst2_train(cfg["n"] + cfg["retain"])[cfg["n"] :]
     ]
-    peft_model, tok = poisoned_adapter(cfg)
+    adapters = ["sst2", "agnews"] if args.merge else ["sst2"]
+    if args.merge:
+        sets["agnews"] = data.agnews_eval(cfg["eval_agnews"])
+        retain = retain[: cfg["retain"] // 2] + [
+            {"prompt": r["prompt"], "completion": r["response"]}
+            for r in data.agnews_train(cfg["n"] + cfg["retain"] // 2)[cfg["n"] :]
+        ]
+    peft_model, tok = poisoned_adapters(cfg, adapters)
     rows = []
 
     def record(name: str, metrics: dict, info: dict) -> None:
@@ -89,14 +112,19 @@ def main() -> None:
         }
         args.out.write_text(json.dumps({**header, "rows": rows}, indent=2))
 
-    peft_model.set_adapter("sst2")
+    if args.merge:
+        peft_model.add_weighted_adapter(adapters, [1.0, 1.0], "unmasked", combination_type="cat")
+    peft_model.set_adapter("unmasked" if args.merge else "sst2")
     if not args.skip_lora:
-        record("lora", evaluate(peft_model, tok, cfg, sets), {})
-    grid = itertools.product(args.steps, args.learning_rates, args.budgets, args.final_masks)
-    for steps, learning_rate, budget, final in grid:
+        record(
+            "task arithmetic" if args.merge else "lora", evaluate(peft_model, tok, cfg, sets, agnews=args.merge), {}
+        )
+    grid = itertools.product(args.steps, args.learning_rates, args.rpo_alphas, args.budgets, args.final_masks)
+    for steps, learning_rate, rpo_alpha, budget, final in grid:
         config = SOMFConfig(
             max_steps=steps,
             learning_rate=learning_rate,
+            rpo_alpha=rpo_alpha,
             revert_budget=budget,
             final_mask=final,
             max_length=cfg["max_length"],
@@ -105,13 +133,14 @@ def main() -> None:
             seed=0,
         )
         start = time.perf_counter()
-        name = f"somf steps={steps} lr={learning_rate:g} budget={budget:g} final={final}"
+        name = f"somf steps={steps} lr={learning_rate:g} rpo={rpo_alpha:g} budget={budget:g} final={final}"
         masks = peft_model.merge_with_safety_mask(
-            adapters=["sst2"],
-            weights=[1.0],
+            adapters=adapters,
+            weights=[1.0] * len(adapters),
             adapter_name="realigned",
             safety_data=somf_data(cfg, 0),
             tokenizer=tok,
+            combination_type="cat" if args.merge else "linear",
             config=config,
             retain_data=retain,
         )
@@ -123,8 +152,8 @@ def main() -> None:
             "dpo_loss": [round(history[f"safety_loss_{k}"], 3) for k in ("before", "relaxed", "deployed")],
             "somf_s": round(seconds, 1),
         }
-        record(name, evaluate(peft_model, tok, cfg, sets), info)
-        peft_model.set_adapter("sst2")
+        record(name, evaluate(peft_model, tok, cfg, sets, agnews=args.merge), info)
+        peft_model.set_adapter(adapters[0])
         peft_model.delete_adapter("realigned")
     print(json.dumps(rows, indent=1))
 

@@ -38,12 +38,13 @@ class GuardSpaceConfig(LoraConfig):
         damping_start (`float`, defaults to `0.01`): first damping factor ``d`` of ``C + d mean(diag C) I``;
             doubled until ``||C~ C~^-1 - I||_F < damping_tolerance``.
         damping_tolerance (`float`, defaults to `0.05`): see ``damping_start``.
-        balance_factors (`bool`, defaults to `True`): rescale each initial component so that the row of ``A0``
-            and the column of ``B0`` have equal norms (same product ``B0 A0``). The paper's factors
+        balance_factors (`bool`, defaults to `False`): rescale each initial component so that the row of ``A0``
+            and the column of ``B0`` have equal norms (same product ``B0 A0``, same subspaces). The paper's factors
             (``A0 = S^{1/2} V^T C~^{-1}``) make ``A0`` about ``1 / d`` times larger than ``B0`` where ``C`` is
-            rank-deficient; trained updates then amplify any input noise outside the calibration span, e.g. bf16
-            rounding (measured: calibration logits move 0.25 under bf16 autocast against 0.004 balanced, see
-            ``docs/guardspace.md``). ``False`` reproduces the paper's factors.
+            rank-deficient, which speeds learning in the null directions (Adam moves ``B`` by about the learning
+            rate) and also amplifies input noise there. Balanced factors keep the calibration outputs at the
+            base's own bf16 noise under bf16 autocast, but learn far more slowly at a LoRA learning rate (see
+            ``docs/guardspace.md`` for the measurements on both the test model and the SmolLM2 testbed).
         rank_allocation (`"uniform" | "null_dim"`, defaults to `"uniform"`): ``"null_dim"`` moves the rank of
             layers without null space (dead adapters, which cannot learn) to layers with one, in proportion to
             their null-space dimension, through ``rank_pattern`` and at the same number of trainable parameters.
@@ -68,7 +69,7 @@ class GuardSpaceConfig(LoraConfig):
         default=0.05, metadata={"help": "Damping doubles until ||C~ C~^-1 - I||_F is below this."}
     )
     balance_factors: bool = field(
-        default=True, metadata={"help": "Give each initial component equal norms in A0 and B0 (same product)."}
+        default=False, metadata={"help": "Give each initial component equal norms in A0 and B0 (same product)."}
     )
     rank_allocation: RankAllocation = field(
         default="uniform",

@@ -80,7 +80,7 @@ def smallest_component_init(
     damped_inverse: torch.Tensor,
     r: int,
     scaling: float,
-    balance: bool = True,
+    balance: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Adapter factors from the ``r`` smallest components of the covariance-preconditioned SVD.
 

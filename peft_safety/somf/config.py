@@ -19,13 +19,17 @@ class SOMFConfig:
     binary Concrete sample ``m = sigmoid((l + log u - log(1 - u)) / T)``, ``u ~ U(0, 1)``; the masked task vector
     is ``m * tau`` (divided by ``mean(m)`` per tensor when ``rescale``) and goes through the chosen combination.
 
-    Loss per step (only the logits train): ``L_safety + retain_weight * L_retain + budget_weight *
-    relu(mean(1 - sigmoid(l)) - revert_budget)``.
+    Loss per step (only the logits train): ``L_safety + rpo_alpha * NLL(chosen) + retain_weight * L_retain +
+    budget_weight * relu(mean(1 - sigmoid(l)) - revert_budget)``.
 
     Args:
         objective (`"dpo" | "sft"`, defaults to `"dpo"`): DPO on ``prompt``/``chosen``/``rejected`` pairs against
             the unmasked fused model, or refusal SFT (token NLL) on ``prompt``/``completion`` pairs.
         beta (`float`, defaults to `0.1`): DPO temperature.
+        rpo_alpha (`float`, defaults to `0.0`): weight of the negative log-likelihood of the ``chosen`` answers
+            added to the DPO loss (TRL's ``rpo_alpha``). DPO alone can lower the likelihood of both answers: on
+            the testbed's two-adapter merge the mask learned to end every answer at once (empty answers, over-refusal
+            0.87); the NLL term keeps the chosen refusals likely.
         temperature (`float`, defaults to `0.5`): Concrete temperature ``T``.
         init_logit (`float`, defaults to `3.0`): initial logit (keep probability ``sigmoid(3) = 0.95``): training
             starts at the unmasked merge and only entries the objective pushes down are reverted.
@@ -56,6 +60,7 @@ class SOMFConfig:
 
     objective: Objective = field(default="dpo", metadata={"help": "Safety objective: 'dpo' or 'sft'."})
     beta: float = field(default=0.1, metadata={"help": "DPO temperature beta."})
+    rpo_alpha: float = field(default=0.0, metadata={"help": "Weight of the chosen answers' NLL added to DPO."})
     temperature: float = field(default=0.5, metadata={"help": "Binary Concrete temperature."})
     init_logit: float = field(default=3.0, metadata={"help": "Initial mask logit (+3 = keep with p 0.95)."})
     rescale: bool = field(default=True, metadata={"help": "Divide each masked tensor by the mean of its mask."})
@@ -83,6 +88,8 @@ class SOMFConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}.")
         if self.final_mask not in FINAL_MASKS:
             raise ValueError(f"final_mask must be one of {FINAL_MASKS}, got {self.final_mask!r}.")
+        if self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}.")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if not 0 <= self.revert_budget < 1:

@@ -170,6 +170,8 @@ class SOMFMerger:
         else:
             safety = sft_loss(logits[:n_safety], labels[:n_safety])
         loss = safety
+        if cfg.objective == "dpo" and cfg.rpo_alpha > 0:  # NLL of the chosen answers (TRL's rpo_alpha)
+            loss = loss + cfg.rpo_alpha * sft_loss(logits[:pairs], labels[:pairs])
         if has_retain:
             retain = retention_kl(logits[n_safety:], ref_retain, labels[n_safety:])
             loss = loss + cfg.retain_weight * retain
