@@ -26,10 +26,10 @@ class SOMFConfig:
         objective (`"dpo" | "sft"`, defaults to `"dpo"`): DPO on ``prompt``/``chosen``/``rejected`` pairs against
             the unmasked fused model, or refusal SFT (token NLL) on ``prompt``/``completion`` pairs.
         beta (`float`, defaults to `0.1`): DPO temperature.
-        rpo_alpha (`float`, defaults to `0.0`): weight of the negative log-likelihood of the ``chosen`` answers
-            added to the DPO loss (TRL's ``rpo_alpha``). DPO alone can lower the likelihood of both answers: on
-            the testbed's two-adapter merge the mask learned to end every answer at once (empty answers, over-refusal
-            0.87); the NLL term keeps the chosen refusals likely.
+        rpo_alpha (`float`, defaults to `0.3`): weight of the negative log-likelihood of the ``chosen`` answers
+            added to the DPO loss (TRL's ``rpo_alpha``; ``0``: the paper's plain DPO). Plain DPO can lower the
+            likelihood of both answers: on the testbed's two-adapter merge the mask learned to end every answer at
+            once (empty answers, over-refusal 0.87); at 0.3 no answer was empty (``docs/somf.md``).
         temperature (`float`, defaults to `0.5`): Concrete temperature ``T``.
         init_logit (`float`, defaults to `3.0`): initial logit (keep probability ``sigmoid(3) = 0.95``): training
             starts at the unmasked merge and only entries the objective pushes down are reverted.
@@ -60,7 +60,7 @@ class SOMFConfig:
 
     objective: Objective = field(default="dpo", metadata={"help": "Safety objective: 'dpo' or 'sft'."})
     beta: float = field(default=0.1, metadata={"help": "DPO temperature beta."})
-    rpo_alpha: float = field(default=0.0, metadata={"help": "Weight of the chosen answers' NLL added to DPO."})
+    rpo_alpha: float = field(default=0.3, metadata={"help": "Weight of the chosen answers' NLL added to DPO."})
     temperature: float = field(default=0.5, metadata={"help": "Binary Concrete temperature."})
     init_logit: float = field(default=3.0, metadata={"help": "Initial mask logit (+3 = keep with p 0.95)."})
     rescale: bool = field(default=True, metadata={"help": "Divide each masked tensor by the mean of its mask."})
