@@ -196,3 +196,21 @@ def test_rpo_alpha_keeps_the_chosen_answers_likely(tokenizer):
         peft_model.set_adapter("safe")
         chosen[rpo_alpha] = float(pair_logps(peft_model, tokenizer, HELDOUT_HARMFUL)[0].mean())
     assert chosen[2.0] > chosen[0.0] + 0.1, chosen
+
+
+def test_recomputed_fused_factors_give_the_stored_graph_gradients(tokenizer, monkeypatch):
+    """Mask learning recomputes each layer's fused factors (and redraws the Concrete noise from its seed) in the
+    backward pass; the learnt logits equal those of a run that keeps the whole graph."""
+    import peft_safety.somf.fusion as fusion
+
+    config = SOMFConfig(progress_bar=False, max_steps=3)
+    runs = []
+    for keep_graph in (False, True):
+        if keep_graph:
+            monkeypatch.setattr(fusion, "checkpoint", lambda function, *args, use_reentrant: function(*args))
+        masks = SOMFMerger(config).fit(make_adapters(tokenizer), ADAPTERS, pairs(TRAIN_HARMFUL), tokenizer)
+        runs.append(masks.logits)
+    recomputed, stored = runs
+    assert any(float((value - config.init_logit).abs().max()) > 0.1 for value in stored.values())  # it trained
+    for key, value in stored.items():
+        torch.testing.assert_close(recomputed[key], value, rtol=0, atol=1e-5)

@@ -19,11 +19,8 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-from benchmarks.testbed import data
-from benchmarks.testbed.model import TARGETS
-from benchmarks.testbed.run import QUICK, _mixes, evaluate, load_start, statistics_for
+from benchmarks.testbed.run import QUICK, _mixes, eval_sets, evaluate, guardspace_config, load_start, statistics_for
 from benchmarks.testbed.train import sft
-from peft_safety import GuardSpaceConfig
 
 
 def evaluations(model, tok, cfg, sets) -> dict:
@@ -46,11 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = dict(QUICK)
-    sets = {
-        "harmful": data.harmful_eval_prompts(cfg["eval_harmful"]),
-        "xstest": data.xstest_safe_eval(cfg["eval_xstest"]),
-        "sst2": data.sst2_eval(cfg["eval_sst2"]),
-    }
+    sets = eval_sets(cfg)
     _, sst2_mix, _ = _mixes(cfg, cfg["p"][0])
     model, tok, _ = load_start()
     stats = statistics_for(model, tok, cfg["calibration"])
@@ -61,15 +54,7 @@ def main() -> None:
         kind, lr = variant.split(":")
         torch.manual_seed(0)
         model, tok, _ = load_start()
-        config = GuardSpaceConfig(
-            r=cfg["r"],
-            lora_alpha=2 * cfg["r"],
-            target_modules=TARGETS,
-            lora_dropout=0.0,
-            safety_statistics=stats,
-            balance_factors=kind == "balanced",
-        )
-        peft_model = get_peft_model(model, config)
+        peft_model = get_peft_model(model, guardspace_config(cfg, stats, balance_factors=kind == "balanced"))
         train_kw = {k: cfg[k] for k in ("steps", "batch_size", "max_length")}
         log = sft(peft_model, tok, sst2_mix, lr=float(lr), desc=f"guardspace {variant}", **train_kw)
         rows[variant] = {**evaluations(peft_model, tok, cfg, sets), "last_loss": round(log["last_loss"], 3)}

@@ -211,6 +211,28 @@ def lora_config(cfg) -> LoraConfig:
     return LoraConfig(r=cfg["r"], lora_alpha=2 * cfg["r"], target_modules=TARGETS, lora_dropout=0.0)
 
 
+def guardspace_config(cfg, stats: SafetyStatistics, **options) -> GuardSpaceConfig:
+    """The GuardSpace counterpart of :func:`lora_config` (same r, alpha, targets), plus GuardSpace ``options``."""
+    return GuardSpaceConfig(
+        r=cfg["r"],
+        lora_alpha=2 * cfg["r"],
+        target_modules=TARGETS,
+        lora_dropout=0.0,
+        safety_statistics=stats,
+        **options,
+    )
+
+
+def eval_sets(cfg) -> dict:
+    """The evaluation prompt sets of a run: held-out harmful, XSTest safe (odd ids), SST-2 dev, AG News test."""
+    return {
+        "harmful": data.harmful_eval_prompts(cfg["eval_harmful"]),
+        "xstest": data.xstest_safe_eval(cfg["eval_xstest"]),
+        "sst2": data.sst2_eval(cfg["eval_sst2"]),
+        "agnews": data.agnews_eval(cfg["eval_agnews"]),
+    }
+
+
 def somf_data(cfg, offset: int) -> list[dict[str, str]]:
     """Preference pairs for SOMF: AdvBench calibration rows (never poison, never evaluated), refusal vs target."""
     rows = data.advbench()[slice(*data.ADVBENCH_CALIBRATION_ROWS)]
@@ -249,15 +271,7 @@ def guardspace_branch(cfg, p: float, sets, tag: str, use_base: bool = False, thr
         for tau in thresholds:
             t0 = time.perf_counter()
             base, _, _ = load_start()
-            gcfg = GuardSpaceConfig(
-                r=cfg["r"],
-                lora_alpha=2 * cfg["r"],
-                target_modules=TARGETS,
-                lora_dropout=0.0,
-                safety_statistics=stats,
-                null_space_threshold=tau,
-            )
-            gs = get_peft_model(base, gcfg)
+            gs = get_peft_model(base, guardspace_config(cfg, stats, null_space_threshold=tau))
             report = guardspace_report(gs)
             dims = [layer.null_dim for layer in report.layers]
             info = {
@@ -484,12 +498,7 @@ def main() -> None:
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"testbed_{mode}.json")
     start, cpu_start = time.perf_counter(), time.process_time()
 
-    sets = {
-        "harmful": data.harmful_eval_prompts(cfg["eval_harmful"]),
-        "xstest": data.xstest_safe_eval(cfg["eval_xstest"]),
-        "sst2": data.sst2_eval(cfg["eval_sst2"]),
-        "agnews": data.agnews_eval(cfg["eval_agnews"]),
-    }
+    sets = eval_sets(cfg)
     n_poison_max = round(cfg["n"] * max(cfg["p"]))
     poison_prompts = {r["prompt"] for r in data.poison_pairs(n_poison_max, seed=0)}
     calib_count = max([cfg["calibration"], *cfg["calibration_sweep"]])

@@ -25,7 +25,7 @@ from peft import PeftModel, get_peft_model
 from benchmarks.testbed import data
 from benchmarks.testbed.aligned import load_aligned
 from benchmarks.testbed.model import CACHE_DIR
-from benchmarks.testbed.run import QUICK, _mixes, evaluate, lora_config, somf_data
+from benchmarks.testbed.run import QUICK, _mixes, eval_sets, evaluate, lora_config, somf_data
 from benchmarks.testbed.train import sft
 from peft_safety.somf import SOMFConfig
 
@@ -79,18 +79,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = {**QUICK, "somf_pairs": args.pairs}
-    sets = {
-        "harmful": data.harmful_eval_prompts(cfg["eval_harmful"]),
-        "xstest": data.xstest_safe_eval(cfg["eval_xstest"]),
-        "sst2": data.sst2_eval(cfg["eval_sst2"]),
-    }
+    sets = eval_sets(cfg)
     retain = [
         {"prompt": r["prompt"], "completion": r["response"]}
         for r in data.sst2_train(cfg["n"] + cfg["retain"])[cfg["n"] :]
     ]
     adapters = ["sst2", "agnews"] if args.merge else ["sst2"]
     if args.merge:
-        sets["agnews"] = data.agnews_eval(cfg["eval_agnews"])
         retain = retain[: cfg["retain"] // 2] + [
             {"prompt": r["prompt"], "completion": r["response"]}
             for r in data.agnews_train(cfg["n"] + cfg["retain"] // 2)[cfg["n"] :]

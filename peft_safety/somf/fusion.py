@@ -121,14 +121,15 @@ class MaskedFusion:
             if self.combination.name == "linear" and (self.shared or mode == "unmasked"):
                 fused.append(self._fused_linear(site, side, ref, mode, noise_seed))
                 continue
-            tasks = []
-            for adapter in self.adapters:
-                factors = site.factors[adapter]
-                task = getattr(factors, f"lora_{side}")
-                if ref is not None:
-                    task = task - (ref.scaling / factors.scaling) ** 0.5 * getattr(ref, f"lora_{side}")
-                key = mask_key(site.name, side, None if self.shared else adapter)
-                tasks.append(self._apply_mask(task, key, mode, noise_seed))
+            tasks = [
+                self._apply_mask(
+                    self._task_vector(site, adapter, side, ref),
+                    mask_key(site.name, side, None if self.shared else adapter),
+                    mode,
+                    noise_seed,
+                )
+                for adapter in self.adapters
+            ]
             weights = self.combination.side_weights(self.weights, scalings, side)
             if self.combination.random:
                 with torch.random.fork_rng(devices=[]):
@@ -141,6 +142,15 @@ class MaskedFusion:
             fused.append(merged)
         return fused[0], fused[1]
 
+    @staticmethod
+    def _task_vector(site: Site, adapter: str, side: str, ref) -> torch.Tensor:
+        """``tau_i = F_i - sqrt(s_ref / s_i) F_ref`` for ``F = lora_{side}`` (``F_i`` itself without a reference)."""
+        factors = site.factors[adapter]
+        task = getattr(factors, f"lora_{side}")
+        if ref is None:
+            return task
+        return task - (ref.scaling / factors.scaling) ** 0.5 * getattr(ref, f"lora_{side}")
+
     def _fused_linear(self, site: Site, side: str, ref, mode: str, noise_seed: int) -> torch.Tensor:
         """Linear merge with one shared mask: ``C + (m / mean(m)) * sum_i w_i tau_i``, the weighted sum (and the
         reference part ``C``) computed once and cached: a relaxed mask then adds nothing to the autograd graph but
@@ -148,13 +158,7 @@ class MaskedFusion:
         key = (site.name, side)
         if key not in self._linear_cache:
             with torch.no_grad():
-                tasks = []
-                for adapter in self.adapters:
-                    factors = site.factors[adapter]
-                    task = getattr(factors, f"lora_{side}")
-                    if ref is not None:
-                        task = task - (ref.scaling / factors.scaling) ** 0.5 * getattr(ref, f"lora_{side}")
-                    tasks.append(task)
+                tasks = [self._task_vector(site, adapter, side, ref) for adapter in self.adapters]
                 scalings = [site.factors[adapter].scaling for adapter in self.adapters]
                 weights = self.combination.side_weights(self.weights, scalings, side)
                 combined = self.combination.combine(tasks, weights, None, side, self.majority)
