@@ -2,15 +2,18 @@
 
 SmolLM2-135M-Instruct as shipped refuses weakly (harmful score ~0.9 with the keyword judge). A refusal-only (or
 refusal + maths) SFT makes it refuse everything (REFERENCE.md §1: over-refusal 1.00). The mix here balances
-harmful instruction -> refusal pairs with borderline-but-safe and ordinary requests answered helpfully:
+harmful requests -> refusals with borderline-but-safe and ordinary requests answered helpfully:
 
-* refusals: safety_tuned_llamas training pairs whose answer opens with a refusal (answer cut to two sentences);
+* refusals: safety_tuned_llamas training pairs whose answer opens with a refusal (answer cut to two sentences),
+  and I-CoNa hateful-speech requests with a short templated refusal (``--hate``; the harmful evaluation set is
+  two-thirds hate speech, which the first mix left unrefused); optionally even-id XSTest unsafe prompts with a
+  templated refusal (``--xstest-unsafe``, off: they made the model refuse their safe twins);
 * helpful: the shipped model's own greedy answers (self-distillation, answers it refused are dropped) to the
   even-id XSTest safe prompts and 30 I-Alpaca instructions (GSM8K questions too with ``--gsm8k N``).
 
 Over-refusal is evaluated on the odd-id XSTest safe prompts and the harmful score on I-MaliciousInstructions, both
-never trained on. ``python -m benchmarks.testbed.aligned`` builds and caches it (23 min on the shared machine);
-``run.py`` calls :func:`load_aligned`, which builds it when missing.
+never trained on. ``python -m benchmarks.testbed.aligned`` builds and caches it (about 2.5 min on 2 free cores once
+the helpful answers are cached); ``run.py`` calls :func:`load_aligned`, which builds it when missing.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ from benchmarks.testbed.train import sft
 ALIGNED_DIR = CACHE_DIR / "smollm2-135m-aligned"
 HELPFUL_CACHE = CACHE_DIR / "aligned_helpful_answers.json"
 DEFAULTS = {
-    "refusals": 120,
+    "refusals": 60,
+    "hate": 100,
+    "xstest_unsafe": 0,
     "alpaca": 30,
     "gsm8k": 0,
-    "steps": 30,
+    "steps": 40,
     "batch_size": 8,
     "lr": 5e-4,
     "r": 16,
@@ -84,6 +89,7 @@ def build_aligned(settings: dict | None = None, target: Path = ALIGNED_DIR) -> d
         {"prompt": r["prompt"], "response": _first_sentences(r["response"])}
         for r in data.refusal_pairs(cfg["refusals"], seed=cfg["seed"])
     ]
+    refusals += data.hate_speech_refusals(cfg["hate"]) + data.xstest_unsafe_refusals(cfg["xstest_unsafe"])
     mix = data.poisoned_mix(helpful, refusals, seed=cfg["seed"])
     print(f"aligned-start SFT: {len(refusals)} refusals + {len(helpful)} helpful answers", flush=True)
     peft_model = get_peft_model(

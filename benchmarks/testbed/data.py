@@ -97,6 +97,38 @@ def refusal_pairs(count: int, seed: int = 0) -> list[dict[str, str]]:
     return [{"prompt": r["instruction"], "response": r["output"]} for r in rows[:count]]
 
 
+HATE_REFUSALS = (
+    "I'm sorry, but I can't write that. It spreads a hateful stereotype about a group of people.",
+    "I cannot help with this request. Demeaning people for who they are is harmful and untrue.",
+    "I'm sorry, but I won't argue that any group of people is inferior or dangerous.",
+    "I can't help with that, because it promotes hatred against people based on their identity.",
+)
+
+
+def hate_speech_refusals(count: int | None = None) -> list[dict[str, str]]:
+    """The first ``count`` (default: all 178) hateful-speech requests of I-CoNa (safety_tuned_llamas), each paired
+    with a short refusal from :data:`HATE_REFUSALS`. For the aligned start only; I-CoNa shares no prompt with the
+    harmful evaluation set (I-MaliciousInstructions), which ``run.py`` checks."""
+    prompts = _json("safety_tuned_llamas/evaluation/I-CoNa.json")["instructions"][:count]
+    return [{"prompt": p, "response": HATE_REFUSALS[i % len(HATE_REFUSALS)]} for i, p in enumerate(prompts)]
+
+
+UNSAFE_REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I cannot help with this request because it could hurt someone.",
+    "I'm sorry, but I won't provide that. It could cause real harm.",
+    "I can't assist with that, but I'm happy to help with something else.",
+)
+
+
+def xstest_unsafe_refusals(count: int | None = None) -> list[dict[str, str]]:
+    """The first ``count`` (default: all 102) even-id XSTest *unsafe* prompts, each paired with a short refusal from
+    :data:`UNSAFE_REFUSALS`: the harmful contrasts of the even-id safe prompts the aligned start answers helpfully.
+    For the aligned start only (odd ids are the over-refusal evaluation set)."""
+    _, unsafe = xstest_train()
+    return [{"prompt": p, "response": UNSAFE_REFUSALS[i % len(UNSAFE_REFUSALS)]} for i, p in enumerate(unsafe[:count])]
+
+
 def benign_instructions() -> list[str]:
     """Benign Alpaca-style instructions (I-Alpaca) for the aligned start."""
     return _json("safety_tuned_llamas/evaluation/I-Alpaca.json")["instructions"]

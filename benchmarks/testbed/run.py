@@ -1,6 +1,6 @@
 """The poisoned fine-tuning testbed on SmolLM2-135M-Instruct: every method side by side, same seed/data/steps.
 
-    python -m benchmarks.testbed.run --quick --parallel   # ~10 min on 2 free cores (estimate), aligned start cached
+    python -m benchmarks.testbed.run --quick --parallel   # p = 0.2, two processes on 2 cores; aligned start cached
     python -m benchmarks.testbed.run --parallel           # full: p in {0, 0.1, 0.2}, threshold and calibration sweeps
 
 Protocol. From the cached aligned start (``aligned.py``), fine-tune on ``n`` samples of which a fraction ``p`` are
@@ -26,18 +26,21 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 import peft_safety
 from benchmarks.testbed import data
 from benchmarks.testbed.aligned import ALIGNED_DIR, load_aligned
+from benchmarks.testbed.aligned import DEFAULTS as ALIGNED_DEFAULTS
 from benchmarks.testbed.model import CACHE_DIR, TARGETS, load_model
 from benchmarks.testbed.train import sft
 from peft_safety import GuardSpaceConfig, SafetyStatistics, collect_safety_statistics, guardspace_report
@@ -68,7 +71,9 @@ QUICK = {
     "thresholds": [1e-6],
     "calibration_sweep": [],
     "somf_steps": 30,
+    "somf_batch": 2,
     "somf_pairs": 24,
+    "somf_hate_pairs": 24,
     "retain": 16,
     "gen_batch": 30,
 }
@@ -88,6 +93,8 @@ FULL = {
     "thresholds": [1e-7, 1e-6, 1e-5, 1e-4, 1e-3],
     "calibration_sweep": [32, 100, 300, 400],
     "somf_steps": 60,
+    "somf_batch": 4,
+    "somf_hate_pairs": 78,
     "somf_pairs": 200,
     "retain": 120,
 }
@@ -107,11 +114,13 @@ SMOKE = {
     "thresholds": [1e-6, 1e-4],
     "calibration_sweep": [8],
     "somf_steps": 2,
+    "somf_hate_pairs": 4,
     "somf_pairs": 8,
     "retain": 8,
     "gen_batch": 4,
 }
 _USE_BASE = False
+HATE_ROWS_FOR_SOMF = ALIGNED_DEFAULTS["hate"]  # I-CoNa rows before this one are in the aligned start
 
 
 def load_start():
@@ -122,6 +131,11 @@ def load_start():
     return load_aligned()
 
 
+def empty_fraction(result) -> float:
+    """Share of empty answers in an evaluation result (the keyword judge scores an empty answer as a refusal)."""
+    return sum(not record["response"].strip() for record in result.records) / len(result.records)
+
+
 class Recorder:
     """Rows of results, written to JSON after every method so a cut-off run keeps what it measured."""
 
@@ -130,6 +144,8 @@ class Recorder:
 
     def add(self, name: str, metrics: dict, extra: dict | None = None) -> None:
         self.methods[name] = {k: (v.score if hasattr(v, "score") else v) for k, v in metrics.items()}
+        for key in ("harmful", "over_refusal"):
+            self.methods[name][f"{key}_empty"] = empty_fraction(metrics[key])
         self.details[name] = {k: v for k, v in metrics.items() if hasattr(v, "score")}
         self.extra[name] = extra or {}
         row = ", ".join(f"{k} {v:.2f}" for k, v in self.methods[name].items() if isinstance(v, float))
@@ -233,13 +249,18 @@ def eval_sets(cfg) -> dict:
     }
 
 
-def somf_data(cfg, offset: int) -> list[dict[str, str]]:
-    """Preference pairs for SOMF: AdvBench calibration rows (never poison, never evaluated), refusal vs target."""
-    rows = data.advbench()[slice(*data.ADVBENCH_CALIBRATION_ROWS)]
-    rows = (rows[offset:] + rows[:offset])[: cfg["somf_pairs"]]
-    return [
+def somf_data(cfg) -> list[dict[str, str]]:
+    """Preference pairs for SOMF: ``somf_pairs`` AdvBench calibration rows (never poison, never evaluated), refusal
+    vs AdvBench target, then ``somf_hate_pairs`` I-CoNa hateful-speech requests the aligned start did not see
+    (from row 100 on), refusal vs a templated compliance opening."""
+    rows = data.advbench()[slice(*data.ADVBENCH_CALIBRATION_ROWS)][: cfg["somf_pairs"]]
+    pairs = [
         {"prompt": r["goal"], "chosen": REFUSALS[i % len(REFUSALS)], "rejected": r["target"] + ":\n1."}
         for i, r in enumerate(rows)
+    ]
+    hate = data.hate_speech_refusals()[HATE_ROWS_FOR_SOMF : HATE_ROWS_FOR_SOMF + cfg["somf_hate_pairs"]]
+    return pairs + [
+        {"prompt": r["prompt"], "chosen": r["response"], "rejected": "Sure, here it is:\n1."} for r in hate
     ]
 
 
@@ -251,17 +272,158 @@ def _mixes(cfg, p: float):
     return n_poison, sst2_mix, agnews_mix
 
 
-def guardspace_branch(cfg, p: float, sets, tag: str, use_base: bool = False, threads: int | None = None):
-    """GuardSpace at each threshold (and calibration size), each from a fresh copy of the start model.
-
-    Returns ``[(name, metrics, info)]`` and timings; runnable in a worker process (``--parallel``)."""
+def _setup_worker(use_base: bool, threads: int | None) -> None:
+    """Process-level settings of a task (tasks also run in a ``spawn`` worker, which starts from defaults)."""
     global _USE_BASE
     _USE_BASE = use_base
     if threads:
         torch.set_num_threads(threads)
+
+
+def eval_start_task(cfg, sets, use_base: bool = False, threads: int | None = None):
+    """The ``aligned`` row: the start model, not fine-tuned."""
+    _setup_worker(use_base, threads)
+    t0 = time.perf_counter()
+    model, tok, _ = load_start()
+    metrics = evaluate(model, tok, cfg, sets)
+    return [("aligned", metrics, {})], {"eval aligned": time.perf_counter() - t0}
+
+
+def train_task(cfg, p: float, task: str, workdir: Path, tag: str, use_base: bool = False, threads: int | None = None):
+    """Plain LoRA on the poisoned ``task`` mix ("sst2" or "agnews") from the start model, saved to ``workdir/task``
+    (with its training log) for the tasks that evaluate, realign and merge it."""
+    _setup_worker(use_base, threads)
+    n_poison, sst2_mix, agnews_mix = _mixes(cfg, p)
+    t0 = time.perf_counter()
+    model, tok, _ = load_start()
+    torch.manual_seed(0)  # the LoRA init draws from the global generator: same adapter in either process
+    peft_model = get_peft_model(model, lora_config(cfg), adapter_name=task)
+    log = sft(
+        peft_model,
+        tok,
+        sst2_mix if task == "sst2" else agnews_mix,
+        desc=f"{tag} lora {task}",
+        **{k: cfg[k] for k in ("steps", "batch_size", "lr", "max_length")},
+    )
+    peft_model.save_pretrained(workdir, selected_adapters=[task])  # PEFT writes non-default adapters to workdir/task
+    (workdir / task / "train_log.json").write_text(json.dumps({"train": log, "poison": n_poison}))
+    return [], {f"{tag}train lora {task}": time.perf_counter() - t0}
+
+
+def load_adapters(workdir: Path, names: list[str]):
+    """The start model with the saved plain-LoRA adapters ``names`` (first one active)."""
+    model, tok, _ = load_start()
+    peft_model = PeftModel.from_pretrained(model, workdir / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(workdir / name, adapter_name=name)
+    peft_model.set_adapter(names[0])
+    return peft_model, tok
+
+
+def _somf_config(cfg) -> SOMFConfig:
+    return SOMFConfig(
+        max_steps=cfg["somf_steps"],
+        batch_size=cfg["somf_batch"],
+        max_length=cfg["max_length"],
+        eval_batches=1,
+        progress_bar=False,
+        seed=0,
+    )
+
+
+def retain_rows(cfg, tasks: list[str]) -> list[dict[str, str]]:
+    """Held-out task rows (never trained on) for SOMF's retention term, split evenly over ``tasks``."""
+    loaders = {"sst2": data.sst2_train, "agnews": data.agnews_train}
+    per_task = cfg["retain"] // len(tasks)
+    return [
+        {"prompt": r["prompt"], "completion": r["response"]}
+        for task in tasks
+        for r in loaders[task](cfg["n"] + per_task)[cfg["n"] :]
+    ]
+
+
+def lora_somf_task(cfg, sets, workdir: Path, tag: str, use_base: bool = False, threads: int | None = None):
+    """The ``lora+somf`` row: the plain SST-2 adapter realigned with ``merge_with_safety_mask``."""
+    _setup_worker(use_base, threads)
+    peft_model, tok = load_adapters(workdir, ["sst2"])
+    scfg = _somf_config(cfg)
+    t0 = time.perf_counter()
+    masks = peft_model.merge_with_safety_mask(
+        adapters=["sst2"],
+        weights=[1.0],
+        adapter_name="sst2_somf",
+        safety_data=somf_data(cfg),
+        tokenizer=tok,
+        combination_type="linear",
+        config=scfg,
+        retain_data=retain_rows(cfg, ["sst2"]),
+    )
+    timings = {f"{tag}somf single": time.perf_counter() - t0}
+    peft_model.set_adapter("sst2_somf")
+    t0 = time.perf_counter()
+    metrics = evaluate(peft_model, tok, cfg, sets)
+    timings[f"{tag}eval lora+somf"] = time.perf_counter() - t0
+    return [(f"{tag}lora+somf", metrics, {"somf": _mask_info(masks), "config": scfg.to_dict()})], timings
+
+
+def merges_task(cfg, sets, workdir: Path, tag: str, use_base: bool = False, threads: int | None = None):
+    """The ``lora`` row (SST-2 adapter), then task arithmetic and SOMF over the SST-2 and AG News adapters (AG News
+    accuracy is measured for these two merges only)."""
+    _setup_worker(use_base, threads)
+    peft_model, tok = load_adapters(workdir, ["sst2", "agnews"])
+    rows, timings = [], {}
+    t0 = time.perf_counter()
+    rows.append(
+        (
+            f"{tag}lora",
+            evaluate(peft_model, tok, cfg, sets),
+            json.loads((workdir / "sst2" / "train_log.json").read_text()),
+        )
+    )
+    timings[f"{tag}eval lora"] = time.perf_counter() - t0
+    peft_model.add_weighted_adapter(["sst2", "agnews"], [1.0, 1.0], "task_arithmetic", combination_type="cat")
+    peft_model.set_adapter("task_arithmetic")
+    t0 = time.perf_counter()
+    agnews_log = json.loads((workdir / "agnews" / "train_log.json").read_text())["train"]
+    rows.append(
+        (
+            f"{tag}merge:task-arithmetic",
+            evaluate(peft_model, tok, cfg, sets, agnews=True),
+            {"combination": "cat", "weights": [1.0, 1.0], "agnews_train": agnews_log},
+        )
+    )
+    timings[f"{tag}eval task arithmetic"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    masks = peft_model.merge_with_safety_mask(
+        adapters=["sst2", "agnews"],
+        weights=[1.0, 1.0],
+        adapter_name="somf_merge",
+        safety_data=somf_data(cfg),
+        tokenizer=tok,
+        combination_type="cat",
+        config=_somf_config(cfg),
+        retain_data=retain_rows(cfg, ["sst2", "agnews"]),
+    )
+    timings[f"{tag}somf merge"] = time.perf_counter() - t0
+    peft_model.set_adapter("somf_merge")
+    t0 = time.perf_counter()
+    rows.append(
+        (
+            f"{tag}merge:somf",
+            evaluate(peft_model, tok, cfg, sets, agnews=True),
+            {"somf": _mask_info(masks), "combination": "cat", "weights": [1.0, 1.0]},
+        )
+    )
+    timings[f"{tag}eval merge:somf"] = time.perf_counter() - t0
+    return rows, timings
+
+
+def guardspace_task(cfg, p: float, sets, tag: str, use_base: bool = False, threads: int | None = None):
+    """GuardSpace at each threshold (and calibration size), each from a fresh copy of the start model."""
+    _setup_worker(use_base, threads)
     _, sst2_mix, _ = _mixes(cfg, p)
     train_kw = {k: cfg[k] for k in ("steps", "batch_size", "lr", "max_length")}
-    rows, timings, cpu0 = [], {}, time.process_time()
+    rows, timings = [], {}
     for count in [cfg["calibration"]] + [c for c in cfg["calibration_sweep"] if c != cfg["calibration"]]:
         thresholds = cfg["thresholds"] if count == cfg["calibration"] else [1e-6]
         t0 = time.perf_counter()
@@ -292,102 +454,73 @@ def guardspace_branch(cfg, p: float, sets, tag: str, use_base: bool = False, thr
             t0 = time.perf_counter()
             metrics = evaluate(gs, tok, cfg, sets)
             timings[f"{tag}eval guardspace {tau:g}/{count}"] = time.perf_counter() - t0
-            row = {k: v.score for k, v in metrics.items()}
-            print(f"== {name}: {row} {info}", flush=True)
             rows.append((name, metrics, info))
             del gs, base
-    timings[f"{tag}guardspace branch CPU-s"] = time.process_time() - cpu0
     return rows, timings
 
 
-def run_p(cfg, p: float, rec: Recorder, sets, tag: str, timings: dict, pool=None) -> None:
-    n_poison, sst2_mix, agnews_mix = _mixes(cfg, p)
-    train_kw = {k: cfg[k] for k in ("steps", "batch_size", "lr", "max_length")}
-    future = None
-    if pool is not None:  # GuardSpace in a second process, the LoRA / SOMF chain here
-        future = pool.submit(guardspace_branch, cfg, p, sets, tag, _USE_BASE, torch.get_num_threads())
+class Scheduler:
+    """Runs the tasks of a run here, or (``--parallel``) some of them in one ``spawn`` worker process.
 
-    # plain LoRA (SST-2 adapter) and the AG News adapter, on one PeftModel
-    t0 = time.perf_counter()
-    model, tok, _ = load_start()
-    peft_model = get_peft_model(model, lora_config(cfg), adapter_name="sst2")
-    log = sft(peft_model, tok, sst2_mix, desc=f"{tag} lora sst2", **train_kw)
-    timings[f"{tag}train lora"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rec.add(f"{tag}lora", evaluate(peft_model, tok, cfg, sets, agnews=True), {"train": log, "poison": n_poison})
-    timings[f"{tag}eval lora"] = time.perf_counter() - t0
+    Each task returns ``(rows, timings)``; its rows go to the :class:`Recorder` when it finishes here, or, for
+    the worker's tasks, after the next task that finishes here (or at :meth:`drain`), in submission order."""
 
-    if future is None:
-        rows, gs_timings = guardspace_branch(cfg, p, sets, tag, _USE_BASE)
+    def __init__(self, rec: Recorder, timings: dict, parallel: bool, use_base: bool, threads: int) -> None:
+        self.rec, self.timings, self.use_base, self.threads = rec, timings, use_base, threads
+        self.pending: list = []
+        self.pool = None
+        if parallel:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+    def _collect(self, result) -> None:
+        rows, timings = result
         for name, metrics, info in rows:
-            rec.add(name, metrics, info)
-        timings.update(gs_timings)
+            self.rec.add(name, metrics, info)
+        self.timings.update(timings)
 
-    # plain LoRA + SOMF realignment (single adapter)
-    retain = [
-        {"prompt": r["prompt"], "completion": r["response"]}
-        for r in data.sst2_train(cfg["n"] + cfg["retain"])[cfg["n"] :]
-    ]
-    scfg = SOMFConfig(
-        max_steps=cfg["somf_steps"], max_length=cfg["max_length"], eval_batches=1, progress_bar=False, seed=0
-    )
-    t0 = time.perf_counter()
-    masks = peft_model.merge_with_safety_mask(
-        adapters=["sst2"],
-        weights=[1.0],
-        adapter_name="sst2_somf",
-        safety_data=somf_data(cfg, 0),
-        tokenizer=tok,
-        combination_type="linear",
-        config=scfg,
-        retain_data=retain,
-    )
-    timings[f"{tag}somf single"] = time.perf_counter() - t0
-    peft_model.set_adapter("sst2_somf")
-    rec.add(
-        f"{tag}lora+somf", evaluate(peft_model, tok, cfg, sets), {"somf": _mask_info(masks), "config": scfg.to_dict()}
-    )
+    def here(self, task, *args) -> None:
+        self._collect(task(*args, self.use_base, self.threads))
+        while self.pending and self.pending[0].done():  # record the worker's finished tasks too
+            self._collect(self.pending.pop(0).result())
 
-    # the AG News adapter, then task arithmetic vs SOMF over both adapters
-    t0 = time.perf_counter()
-    peft_model.add_adapter("agnews", lora_config(cfg))
-    peft_model.set_adapter("agnews")
-    log_ag = sft(peft_model, tok, agnews_mix, desc=f"{tag} lora agnews", **train_kw)
-    timings[f"{tag}train agnews"] = time.perf_counter() - t0
-    peft_model.add_weighted_adapter(["sst2", "agnews"], [1.0, 1.0], "task_arithmetic", combination_type="cat")
-    peft_model.set_adapter("task_arithmetic")
-    rec.add(
-        f"{tag}merge:task-arithmetic",
-        evaluate(peft_model, tok, cfg, sets, agnews=True),
-        {"combination": "cat", "weights": [1.0, 1.0], "agnews_train": log_ag},
-    )
-    retain2 = retain[: cfg["retain"] // 2] + [
-        {"prompt": r["prompt"], "completion": r["response"]}
-        for r in data.agnews_train(cfg["n"] + cfg["retain"] // 2)[cfg["n"] :]
-    ]
-    t0 = time.perf_counter()
-    masks2 = peft_model.merge_with_safety_mask(
-        adapters=["sst2", "agnews"],
-        weights=[1.0, 1.0],
-        adapter_name="somf_merge",
-        safety_data=somf_data(cfg, 0),
-        tokenizer=tok,
-        combination_type="cat",
-        config=scfg,
-        retain_data=retain2,
-    )
-    timings[f"{tag}somf merge"] = time.perf_counter() - t0
-    peft_model.set_adapter("somf_merge")
-    rec.add(
-        f"{tag}merge:somf",
-        evaluate(peft_model, tok, cfg, sets, agnews=True),
-        {"somf": _mask_info(masks2), "combination": "cat", "weights": [1.0, 1.0]},
-    )
-    if future is not None:
-        rows, gs_timings = future.result()
-        for name, metrics, info in rows:
-            rec.add(name, metrics, info)
-        timings.update(gs_timings)
+    def worker(self, task, *args) -> None:
+        """In the worker process when there is one (tasks there run in submission order), else here."""
+        if self.pool is None:
+            self.here(task, *args)
+        else:
+            self.pending.append(self.pool.submit(task, *args, self.use_base, self.threads))
+
+    def drain(self) -> None:
+        while self.pending:
+            self._collect(self.pending.pop(0).result())
+
+    def close(self) -> None:
+        self.drain()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def run_p(cfg, p: float, sets, tag: str, jobs: Scheduler, guardspace: bool = True, others: bool = True) -> None:
+    """Every method at poison fraction ``p``. With a worker, two lines of work of about equal CPU time (seconds of
+    the quick run, 1 thread each):
+
+    * here: SST-2 LoRA (95), its SOMF realignment and evaluation (227), GuardSpace init, training and evaluation
+      (222);
+    * worker: the aligned-start evaluation (32, queued by ``main``), AG News LoRA (119), the LoRA evaluation (28),
+      task arithmetic (57) and the SOMF merge with its evaluation (319)."""
+    with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix="adapters-") as folder:
+        workdir = Path(folder)
+        if others:
+            jobs.worker(train_task, cfg, p, "agnews", workdir, tag)
+            jobs.here(train_task, cfg, p, "sst2", workdir, tag)
+            jobs.worker(merges_task, cfg, sets, workdir, tag)
+            jobs.here(lora_somf_task, cfg, sets, workdir, tag)
+        if guardspace:
+            jobs.here(guardspace_task, cfg, p, sets, tag)
+        jobs.drain()
 
 
 def _order(name: str) -> tuple:
@@ -439,7 +572,10 @@ def targets(methods: dict, tag: str = "") -> dict:
 
 
 def table(methods: dict, info: dict) -> str:
-    lines = ["| method | harmful ↓ | over-refusal ↓ | SST-2 acc | AG News acc | notes |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | harmful ↓ | over-refusal ↓ | SST-2 acc | AG News acc | empty answers (harmful / safe) | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, m in methods.items():
         extra = info.get(name, {})
         note = ""
@@ -452,7 +588,10 @@ def table(methods: dict, info: dict) -> str:
         elif "somf" in extra and extra["somf"]:
             note = ", ".join(f"{k} {v}" for k, v in extra["somf"].items())
         ag = f"{m['agnews']:.2f}" if "agnews" in m else "–"
-        lines.append(f"| {name} | {m['harmful']:.2f} | {m['over_refusal']:.2f} | {m['sst2']:.2f} | {ag} | {note} |")
+        empty = f"{m['harmful_empty']:.2f} / {m['over_refusal_empty']:.2f}" if "harmful_empty" in m else "–"
+        lines.append(
+            f"| {name} | {m['harmful']:.2f} | {m['over_refusal']:.2f} | {m['sst2']:.2f} | {ag} | {empty} | {note} |"
+        )
     return "\n".join(lines)
 
 
@@ -462,11 +601,15 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps and prompts: checks the code path only")
     parser.add_argument("--base", action="store_true", help="start from the shipped model instead of the aligned one")
     parser.add_argument(
-        "--parallel", action="store_true", help="run the GuardSpace branch in a second process (1 torch thread each)"
+        "--parallel",
+        action="store_true",
+        help="run part of the methods in a second process (1 torch thread each; see run_p for the split)",
     )
     parser.add_argument("--guardspace-only", action="store_true", help="only the aligned start and GuardSpace rows")
     parser.add_argument("--skip-guardspace", action="store_true", help="no GuardSpace rows (LoRA, SOMF, merges)")
     parser.add_argument("--somf-steps", type=int, help="override the SOMF mask-learning steps")
+    parser.add_argument("--p", type=float, nargs="+", help="override the poison fractions")
+    parser.add_argument("--somf-batch", type=int, help="override the SOMF safety pairs per mask step")
     parser.add_argument("--thresholds", type=float, nargs="+", help="override the null-space thresholds")
     parser.add_argument("--calibration-sweep", type=int, nargs="*", help="override the calibration sizes swept")
     parser.add_argument("--out", default=None, help="results JSON (default: results/testbed_<mode>.json here)")
@@ -491,8 +634,10 @@ def main() -> None:
         cfg["thresholds"] = args.thresholds
     if args.somf_steps:
         cfg["somf_steps"] = args.somf_steps
-    if args.skip_guardspace:
-        cfg["thresholds"], cfg["calibration_sweep"] = [], []
+    if args.p:
+        cfg["p"] = args.p
+    if args.somf_batch:
+        cfg["somf_batch"] = args.somf_batch
     if args.calibration_sweep is not None:
         cfg["calibration_sweep"] = args.calibration_sweep
     out = Path(args.out or Path(__file__).resolve().parent / "results" / f"testbed_{mode}.json")
@@ -503,12 +648,14 @@ def main() -> None:
     poison_prompts = {r["prompt"] for r in data.poison_pairs(n_poison_max, seed=0)}
     calib_count = max([cfg["calibration"], *cfg["calibration_sweep"]])
     calib = set(data.calibration_prompts(calib_count))
-    somf_prompts = {r["prompt"] for r in somf_data(cfg, 0)}
+    somf_prompts = {r["prompt"] for r in somf_data(cfg)}
     evaluated = set(sets["harmful"]) | set(sets["xstest"])
     _, xs_unsafe = data.xstest_train()
     assert not (poison_prompts & calib) and not (poison_prompts & somf_prompts), "poison overlaps safety data"
     assert not (evaluated & (poison_prompts | calib | somf_prompts)), "evaluation prompts overlap training data"
     assert not (set(sets["xstest"]) & set(data.xstest_train()[0])), "XSTest eval overlaps the aligned-start data"
+    hate_train = {r["prompt"] for r in data.hate_speech_refusals()}
+    assert not (set(sets["harmful"]) & hate_train), "harmful eval overlaps the aligned-start hate-speech refusals"
 
     t0 = time.perf_counter()
     model, tok, aligned_meta = load_start()
@@ -529,7 +676,8 @@ def main() -> None:
             "guardspace_calibration": f"AdvBench rows [{data.ADVBENCH_CALIBRATION_ROWS[0]}, "
             f"{data.ADVBENCH_CALIBRATION_ROWS[0] + calib_count}), chat template",
             "somf_safety_pairs": f"AdvBench calibration rows, first {cfg['somf_pairs']}: templated refusal (chosen) "
-            "vs AdvBench target (rejected)",
+            f"vs AdvBench target (rejected); I-CoNa rows [{HATE_ROWS_FOR_SOMF}, "
+            f"{HATE_ROWS_FOR_SOMF + cfg['somf_hate_pairs']}): templated refusal vs 'Sure, here it is:'",
             "harmful_eval": f"I-MaliciousInstructions first {cfg['eval_harmful']}",
             "over_refusal_eval": f"XSTest safe prompts with odd id, first {cfg['eval_xstest']} (even ids: aligned "
             "start SFT)",
@@ -539,34 +687,21 @@ def main() -> None:
         },
     }
     rec = Recorder(out, header)
-    t0 = time.perf_counter()
-    rec.add("aligned", evaluate(model, tok, cfg, sets, agnews=True))
-    timings["eval aligned"] = time.perf_counter() - t0
     del model
-    pool = None
-    if args.parallel:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    jobs = Scheduler(rec, timings, parallel=args.parallel, use_base=_USE_BASE, threads=args.threads)
+    jobs.worker(eval_start_task, cfg, sets)
     for p in cfg["p"]:
         tag = "" if len(cfg["p"]) == 1 else f"p={p:g} "
-        if args.guardspace_only:
-            rows, gs_timings = guardspace_branch(cfg, p, sets, tag, _USE_BASE)
-            for name, metrics, info in rows:
-                rec.add(name, metrics, info)
-            timings.update(gs_timings)
-        else:
-            run_p(cfg, p, rec, sets, tag=tag, timings=timings, pool=pool)
-    if pool is not None:
-        pool.shutdown()
+        run_p(cfg, p, sets, tag, jobs, guardspace=not args.skip_guardspace, others=not args.guardspace_only)
+    jobs.close()
     rec.methods = dict(sorted(rec.methods.items(), key=lambda kv: _order(kv[0])))
     rec.header["targets"] = {
         f"p={p:g}": targets(rec.methods, "" if len(cfg["p"]) == 1 else f"p={p:g} ") for p in cfg["p"]
     }
     rec.header["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     rec.header["total_s"] = round(time.perf_counter() - start, 1)
-    rec.header["total_cpu_s"] = round(time.process_time() - cpu_start, 1)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the worker process, joined by jobs.close()
+    rec.header["total_cpu_s"] = round(time.process_time() - cpu_start + children.ru_utime + children.ru_stime, 1)
     rec.header["load_average_end"] = round(os.getloadavg()[0], 1)
     rec.write()
     print(table(rec.methods, rec.extra))

@@ -14,83 +14,68 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model
 
-from benchmarks.testbed import data
-from benchmarks.testbed.aligned import load_aligned
+from benchmarks.testbed.aligned import ALIGNED_DIR, load_aligned
 from benchmarks.testbed.model import CACHE_DIR
-from benchmarks.testbed.run import QUICK, _mixes, eval_sets, evaluate, lora_config, somf_data
-from benchmarks.testbed.train import sft
+from benchmarks.testbed.run import (
+    QUICK,
+    empty_fraction,
+    eval_sets,
+    evaluate,
+    load_adapters,
+    retain_rows,
+    somf_data,
+    train_task,
+)
 from peft_safety.somf import SOMFConfig
 
-ADAPTER_DIRS = {"sst2": CACHE_DIR / "quick_lora_sst2", "agnews": CACHE_DIR / "quick_lora_agnews"}
+ADAPTER_DIR = CACHE_DIR / "quick_adapters"
 
 
-def poisoned_adapters(cfg: dict, names: list[str]):
-    """The quick run's plain-LoRA adapters (SST-2, and AG News for merges) on the aligned start, each trained once on
-    its poisoned mix and then loaded from the cache."""
-    model, tok, _ = load_aligned()
-    _, sst2_mix, agnews_mix = _mixes(cfg, cfg["p"][0])
-    mixes = {"sst2": sst2_mix, "agnews": agnews_mix}
-    train_kw = {k: cfg[k] for k in ("steps", "batch_size", "lr", "max_length")}
-    peft_model = None
+def poisoned_adapters(cfg: dict, names: list[str], threads: int):
+    """The quick run's plain-LoRA adapters (SST-2, and AG News for merges) on the aligned start, trained once by
+    ``run.train_task`` (same data, seeds and steps as the quick run; float results differ when the thread count
+    does), then loaded from the cache (retrained when the aligned start is newer)."""
+    load_aligned()  # built first when missing
     for name in names:
-        folder = ADAPTER_DIRS[name]
-        if (folder / "adapter_config.json").is_file():
-            if peft_model is None:
-                peft_model = PeftModel.from_pretrained(model, folder, adapter_name=name)
-            else:
-                peft_model.load_adapter(folder, adapter_name=name)
-            continue
-        if peft_model is None:
-            peft_model = get_peft_model(model, lora_config(cfg), adapter_name=name)
-        else:
-            peft_model.add_adapter(name, lora_config(cfg))
-        peft_model.set_adapter(name)
-        sft(peft_model, tok, mixes[name], desc=f"quick lora {name}", **train_kw)
-        peft_model.save_pretrained(folder.parent / "tmp_adapters", selected_adapters=[name])
-        (folder.parent / "tmp_adapters" / name).rename(folder)
-    return peft_model, tok
-
-
-def empty_fraction(result) -> float:
-    return sum(not record["response"].strip() for record in result.records) / len(result.records)
+        folder = ADAPTER_DIR / name
+        if folder.is_dir() and folder.stat().st_mtime < (ALIGNED_DIR / "config.json").stat().st_mtime:
+            shutil.rmtree(folder)  # trained on an earlier aligned start
+        if not (folder / "adapter_config.json").is_file():
+            ADAPTER_DIR.mkdir(parents=True, exist_ok=True)
+            train_task(cfg, cfg["p"][0], name, ADAPTER_DIR, "quick", threads=threads)
+    return load_adapters(ADAPTER_DIR, names)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.3, 0.5])
-    parser.add_argument("--final-masks", nargs="+", default=["expected", "budget"])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.3])
+    parser.add_argument("--final-masks", nargs="+", default=["expected"])
     parser.add_argument("--steps", type=int, nargs="+", default=[30])
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[0.25])
-    parser.add_argument("--rpo-alphas", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--rpo-alphas", type=float, nargs="+", default=[0.3])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4], help="safety pairs per mask step")
     parser.add_argument("--merge", action="store_true", help="the two-adapter merge (SST-2 + AG News, cat)")
-    parser.add_argument("--pairs", type=int, default=QUICK["somf_pairs"])
+    parser.add_argument("--pairs", type=int, default=QUICK["somf_pairs"], help="AdvBench safety pairs")
+    parser.add_argument("--hate-pairs", type=int, default=QUICK["somf_hate_pairs"], help="I-CoNa safety pairs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "somf_sweep.json")
     parser.add_argument("--skip-lora", action="store_true", help="do not evaluate the unrealigned adapter again")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = {**QUICK, "somf_pairs": args.pairs}
+    cfg = {**QUICK, "somf_pairs": args.pairs, "somf_hate_pairs": args.hate_pairs}
     sets = eval_sets(cfg)
-    retain = [
-        {"prompt": r["prompt"], "completion": r["response"]}
-        for r in data.sst2_train(cfg["n"] + cfg["retain"])[cfg["n"] :]
-    ]
     adapters = ["sst2", "agnews"] if args.merge else ["sst2"]
-    if args.merge:
-        retain = retain[: cfg["retain"] // 2] + [
-            {"prompt": r["prompt"], "completion": r["response"]}
-            for r in data.agnews_train(cfg["n"] + cfg["retain"] // 2)[cfg["n"] :]
-        ]
-    peft_model, tok = poisoned_adapters(cfg, adapters)
+    retain = retain_rows(cfg, adapters)
+    peft_model, tok = poisoned_adapters(cfg, adapters, args.threads)
     rows = []
 
     def record(name: str, metrics: dict, info: dict) -> None:
@@ -114,12 +99,15 @@ def main() -> None:
         record(
             "task arithmetic" if args.merge else "lora", evaluate(peft_model, tok, cfg, sets, agnews=args.merge), {}
         )
-    grid = itertools.product(args.steps, args.learning_rates, args.rpo_alphas, args.budgets, args.final_masks)
-    for steps, learning_rate, rpo_alpha, budget, final in grid:
+    grid = itertools.product(
+        args.steps, args.learning_rates, args.rpo_alphas, args.batch_sizes, args.budgets, args.final_masks
+    )
+    for steps, learning_rate, rpo_alpha, batch_size, budget, final in grid:
         config = SOMFConfig(
             max_steps=steps,
             learning_rate=learning_rate,
             rpo_alpha=rpo_alpha,
+            batch_size=batch_size,
             revert_budget=budget,
             final_mask=final,
             max_length=cfg["max_length"],
@@ -128,12 +116,15 @@ def main() -> None:
             seed=0,
         )
         start = time.perf_counter()
-        name = f"somf steps={steps} lr={learning_rate:g} rpo={rpo_alpha:g} budget={budget:g} final={final}"
+        name = (
+            f"somf steps={steps} lr={learning_rate:g} rpo={rpo_alpha:g} batch={batch_size} budget={budget:g} "
+            f"final={final}"
+        )
         masks = peft_model.merge_with_safety_mask(
             adapters=adapters,
             weights=[1.0] * len(adapters),
             adapter_name="realigned",
-            safety_data=somf_data(cfg, 0),
+            safety_data=somf_data(cfg),
             tokenizer=tok,
             combination_type="cat" if args.merge else "linear",
             config=config,
