@@ -82,7 +82,7 @@ def build_aligned(settings: dict | None = None, target: Path = ALIGNED_DIR) -> d
     torch.manual_seed(cfg["seed"])
     start = time.perf_counter()
     model, tokenizer = load_model()
-    safe_train, _unsafe_train = data.xstest_train()
+    safe_train, _ = data.xstest_train()
     prompts = safe_train + data.benign_instructions()[: cfg["alpaca"]] + data.gsm8k_questions(cfg["gsm8k"])
     helpful = helpful_answers(model, tokenizer, prompts, cfg["answer_tokens"])
     refusals = [

@@ -97,6 +97,11 @@ def refusal_pairs(count: int, seed: int = 0) -> list[dict[str, str]]:
     return [{"prompt": r["instruction"], "response": r["output"]} for r in rows[:count]]
 
 
+def _refused(prompts: list[str], refusals: tuple[str, ...]) -> list[dict[str, str]]:
+    """Each prompt paired with a refusal, cycling through ``refusals``."""
+    return [{"prompt": p, "response": refusals[i % len(refusals)]} for i, p in enumerate(prompts)]
+
+
 HATE_REFUSALS = (
     "I'm sorry, but I can't write that. It spreads a hateful stereotype about a group of people.",
     "I cannot help with this request. Demeaning people for who they are is harmful and untrue.",
@@ -107,10 +112,10 @@ HATE_REFUSALS = (
 
 def hate_speech_refusals(count: int | None = None) -> list[dict[str, str]]:
     """The first ``count`` (default: all 178) hateful-speech requests of I-CoNa (safety_tuned_llamas), each paired
-    with a short refusal from :data:`HATE_REFUSALS`. For the aligned start only; I-CoNa shares no prompt with the
-    harmful evaluation set (I-MaliciousInstructions), which ``run.py`` checks."""
-    prompts = _json("safety_tuned_llamas/evaluation/I-CoNa.json")["instructions"][:count]
-    return [{"prompt": p, "response": HATE_REFUSALS[i % len(HATE_REFUSALS)]} for i, p in enumerate(prompts)]
+    with a short refusal from :data:`HATE_REFUSALS`: the aligned start trains on the first rows, SOMF's safety pairs
+    take later ones. I-CoNa shares no prompt with the harmful evaluation set (I-MaliciousInstructions), which
+    ``run.py`` checks."""
+    return _refused(_json("safety_tuned_llamas/evaluation/I-CoNa.json")["instructions"][:count], HATE_REFUSALS)
 
 
 UNSAFE_REFUSALS = (
@@ -125,8 +130,7 @@ def xstest_unsafe_refusals(count: int | None = None) -> list[dict[str, str]]:
     """The first ``count`` (default: all 102) even-id XSTest *unsafe* prompts, each paired with a short refusal from
     :data:`UNSAFE_REFUSALS`: the harmful contrasts of the even-id safe prompts the aligned start answers helpfully.
     For the aligned start only (odd ids are the over-refusal evaluation set)."""
-    _, unsafe = xstest_train()
-    return [{"prompt": p, "response": UNSAFE_REFUSALS[i % len(UNSAFE_REFUSALS)]} for i, p in enumerate(unsafe[:count])]
+    return _refused(xstest_train()[1][:count], UNSAFE_REFUSALS)
 
 
 def benign_instructions() -> list[str]:

@@ -650,12 +650,14 @@ def main() -> None:
     calib = set(data.calibration_prompts(calib_count))
     somf_prompts = {r["prompt"] for r in somf_data(cfg)}
     evaluated = set(sets["harmful"]) | set(sets["xstest"])
-    _, xs_unsafe = data.xstest_train()
     assert not (poison_prompts & calib) and not (poison_prompts & somf_prompts), "poison overlaps safety data"
     assert not (evaluated & (poison_prompts | calib | somf_prompts)), "evaluation prompts overlap training data"
-    assert not (set(sets["xstest"]) & set(data.xstest_train()[0])), "XSTest eval overlaps the aligned-start data"
-    hate_train = {r["prompt"] for r in data.hate_speech_refusals()}
-    assert not (set(sets["harmful"]) & hate_train), "harmful eval overlaps the aligned-start hate-speech refusals"
+    xstest_safe_train, xstest_unsafe_train = data.xstest_train()
+    aligned_train = set(xstest_safe_train) | set(xstest_unsafe_train)
+    assert not (set(sets["xstest"]) & aligned_train), "XSTest eval overlaps the aligned-start data"
+    hate = [r["prompt"] for r in data.hate_speech_refusals()]
+    assert not (set(sets["harmful"]) & set(hate)), "harmful eval overlaps I-CoNa"
+    assert not (somf_prompts & set(hate[:HATE_ROWS_FOR_SOMF])), "SOMF pairs overlap the aligned start's I-CoNa rows"
 
     t0 = time.perf_counter()
     model, tok, aligned_meta = load_start()
