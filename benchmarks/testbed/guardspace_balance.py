@@ -19,7 +19,16 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-from benchmarks.testbed.run import QUICK, _mixes, eval_sets, evaluate, guardspace_config, load_start, statistics_for
+from benchmarks.testbed.run import (
+    QUICK,
+    _mixes,
+    eval_sets,
+    evaluate,
+    guardspace_config,
+    load_start,
+    statistics_for,
+    train_settings,
+)
 from benchmarks.testbed.train import sft
 
 
@@ -55,8 +64,8 @@ def main() -> None:
         torch.manual_seed(0)
         model, tok, _ = load_start()
         peft_model = get_peft_model(model, guardspace_config(cfg, stats, balance_factors=kind == "balanced"))
-        train_kw = {k: cfg[k] for k in ("steps", "batch_size", "max_length")}
-        log = sft(peft_model, tok, sst2_mix, lr=float(lr), desc=f"guardspace {variant}", **train_kw)
+        train_kw = {**train_settings(cfg), "lr": float(lr)}
+        log = sft(peft_model, tok, sst2_mix, desc=f"guardspace {variant}", **train_kw)
         rows[variant] = {**evaluations(peft_model, tok, cfg, sets), "last_loss": round(log["last_loss"], 3)}
         print(variant, rows[variant], flush=True)
         args.out.write_text(

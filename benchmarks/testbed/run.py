@@ -223,6 +223,11 @@ def statistics_for(model, tokenizer, count: int) -> SafetyStatistics:
     return stats
 
 
+def train_settings(cfg) -> dict:
+    """The ``sft`` settings every fine-tuned method shares: steps, batch size, learning rate, max length."""
+    return {k: cfg[k] for k in ("steps", "batch_size", "lr", "max_length")}
+
+
 def lora_config(cfg) -> LoraConfig:
     return LoraConfig(r=cfg["r"], lora_alpha=2 * cfg["r"], target_modules=TARGETS, lora_dropout=0.0)
 
@@ -303,7 +308,7 @@ def train_task(cfg, p: float, task: str, workdir: Path, tag: str, use_base: bool
         tok,
         sst2_mix if task == "sst2" else agnews_mix,
         desc=f"{tag} lora {task}",
-        **{k: cfg[k] for k in ("steps", "batch_size", "lr", "max_length")},
+        **train_settings(cfg),
     )
     peft_model.save_pretrained(workdir, selected_adapters=[task])  # PEFT writes non-default adapters to workdir/task
     (workdir / task / "train_log.json").write_text(json.dumps({"train": log, "poison": n_poison}))
@@ -320,17 +325,6 @@ def load_adapters(workdir: Path, names: list[str]):
     return peft_model, tok
 
 
-def _somf_config(cfg) -> SOMFConfig:
-    return SOMFConfig(
-        max_steps=cfg["somf_steps"],
-        batch_size=cfg["somf_batch"],
-        max_length=cfg["max_length"],
-        eval_batches=1,
-        progress_bar=False,
-        seed=0,
-    )
-
-
 def retain_rows(cfg, tasks: list[str]) -> list[dict[str, str]]:
     """Held-out task rows (never trained on) for SOMF's retention term, split evenly over ``tasks``."""
     loaders = {"sst2": data.sst2_train, "agnews": data.agnews_train}
@@ -342,28 +336,39 @@ def retain_rows(cfg, tasks: list[str]) -> list[dict[str, str]]:
     ]
 
 
+def realign(peft_model, tok, cfg, adapters: list[str], adapter_name: str, combination_type: str):
+    """``merge_with_safety_mask`` over ``adapters`` (weights 1) with the run's SOMF data and settings; the masks."""
+    return peft_model.merge_with_safety_mask(
+        adapters=adapters,
+        weights=[1.0] * len(adapters),
+        adapter_name=adapter_name,
+        safety_data=somf_data(cfg),
+        tokenizer=tok,
+        combination_type=combination_type,
+        config=SOMFConfig(
+            max_steps=cfg["somf_steps"],
+            batch_size=cfg["somf_batch"],
+            max_length=cfg["max_length"],
+            eval_batches=1,
+            progress_bar=False,
+            seed=0,
+        ),
+        retain_data=retain_rows(cfg, adapters),
+    )
+
+
 def lora_somf_task(cfg, sets, workdir: Path, tag: str, use_base: bool = False, threads: int | None = None):
     """The ``lora+somf`` row: the plain SST-2 adapter realigned with ``merge_with_safety_mask``."""
     _setup_worker(use_base, threads)
     peft_model, tok = load_adapters(workdir, ["sst2"])
-    scfg = _somf_config(cfg)
     t0 = time.perf_counter()
-    masks = peft_model.merge_with_safety_mask(
-        adapters=["sst2"],
-        weights=[1.0],
-        adapter_name="sst2_somf",
-        safety_data=somf_data(cfg),
-        tokenizer=tok,
-        combination_type="linear",
-        config=scfg,
-        retain_data=retain_rows(cfg, ["sst2"]),
-    )
+    masks = realign(peft_model, tok, cfg, ["sst2"], "sst2_somf", "linear")
     timings = {f"{tag}somf single": time.perf_counter() - t0}
     peft_model.set_adapter("sst2_somf")
     t0 = time.perf_counter()
     metrics = evaluate(peft_model, tok, cfg, sets)
     timings[f"{tag}eval lora+somf"] = time.perf_counter() - t0
-    return [(f"{tag}lora+somf", metrics, {"somf": _mask_info(masks), "config": scfg.to_dict()})], timings
+    return [(f"{tag}lora+somf", metrics, {"somf": _mask_info(masks), "config": masks.config})], timings
 
 
 def merges_task(cfg, sets, workdir: Path, tag: str, use_base: bool = False, threads: int | None = None):
@@ -394,16 +399,7 @@ def merges_task(cfg, sets, workdir: Path, tag: str, use_base: bool = False, thre
     )
     timings[f"{tag}eval task arithmetic"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    masks = peft_model.merge_with_safety_mask(
-        adapters=["sst2", "agnews"],
-        weights=[1.0, 1.0],
-        adapter_name="somf_merge",
-        safety_data=somf_data(cfg),
-        tokenizer=tok,
-        combination_type="cat",
-        config=_somf_config(cfg),
-        retain_data=retain_rows(cfg, ["sst2", "agnews"]),
-    )
+    masks = realign(peft_model, tok, cfg, ["sst2", "agnews"], "somf_merge", "cat")
     timings[f"{tag}somf merge"] = time.perf_counter() - t0
     peft_model.set_adapter("somf_merge")
     t0 = time.perf_counter()
@@ -422,7 +418,7 @@ def guardspace_task(cfg, p: float, sets, tag: str, use_base: bool = False, threa
     """GuardSpace at each threshold (and calibration size), each from a fresh copy of the start model."""
     _setup_worker(use_base, threads)
     _, sst2_mix, _ = _mixes(cfg, p)
-    train_kw = {k: cfg[k] for k in ("steps", "batch_size", "lr", "max_length")}
+    train_kw = train_settings(cfg)
     rows, timings = [], {}
     for count in [cfg["calibration"]] + [c for c in cfg["calibration_sweep"] if c != cfg["calibration"]]:
         thresholds = cfg["thresholds"] if count == cfg["calibration"] else [1e-6]
