@@ -1,18 +1,23 @@
-"""The GuardSpace guarantee: after real training, adapted layers still reproduce the base on calibration inputs.
+"""The GuardSpace guarantee on the whole model, with the default options a user gets.
 
-With an exactly rank-deficient calibration covariance (48 tokens, hidden 64) and a threshold that keeps only the
-exact null directions, every adapted layer's output on the calibration prompts equals the base's up to float
-rounding, whatever the optimizer did; plain LoRA under the same training moves those outputs by orders of
-magnitude more. At the default threshold the null space is approximate and the per-layer bound
-``calibration_error_bound`` is what holds.
+Stress setting: a tiny random Llama and GPT-2 (hidden 128), 8 calibration prompts, 30 AdamW steps at lr 1e-2 with
+weight decay 0.1 and gradient clipping. Plain LoRA under the same training moves the calibration logits by O(1)
+(relative). GuardSpace must keep them: to float rounding in fp32 (1/100 of LoRA's drift is the bar), and within
+1/20 of LoRA's drift with a bf16 base or after casting the trained model to bf16; merged equals unmerged; with an
+exact null space (fewer calibration tokens than features) the drift stays at float rounding. Meanwhile the adapter
+must still learn off the calibration span.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 from conftest import (
     BENIGN_TEXTS,
+    CORPUS,
+    GPT2_TARGETS,
     HARMFUL_PROMPTS,
     LLAMA_TARGETS,
     encode,
@@ -21,173 +26,142 @@ from conftest import (
     make_llama,
     train_steps,
 )
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from peft_safety import GuardSpaceConfig, collect_safety_statistics
-from peft_safety.guardspace.decomposition import calibration_error_bound
-from peft_safety.guardspace.layer import GuardSpaceLinear
+from peft_safety import GuardSpaceConfig, collect_safety_statistics, export_to_lora, guardspace_report
 
-EXACT_THRESHOLD = 1e-10
-ADAPTED = [f"model.layers.{i}.{part}" for i in range(2) for part in (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)]  # fmt: skip
-MODES = ["adamw", "bf16_autocast", "gradient_checkpointing"]
+CALIBRATION = HARMFUL_PROMPTS + CORPUS[10:12]  # 8 prompts, 73 tokens
+STRESS = {"steps": 30, "lr": 1e-2, "weight_decay": 0.1, "max_grad_norm": 1.0}
 
 
-@pytest.fixture(scope="module")
-def stats(tokenizer):
-    return collect_safety_statistics(
-        make_llama(tokenizer), tokenizer, HARMFUL_PROMPTS, LLAMA_TARGETS, show_progress=False
-    )
+def stress_llama(tokenizer, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).to(dtype).eval()
 
 
-@pytest.fixture(scope="module")
-def base_outputs(tokenizer):
-    base = make_llama(tokenizer)
-    return layer_outputs(base, tokenizer, HARMFUL_PROMPTS, ADAPTED), logits_of(base, tokenizer, HARMFUL_PROMPTS)
+def stress_gpt2(tokenizer, dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=128, n_layer=2, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(config).to(dtype).eval()
 
 
-def train(tokenizer, config, mode: str):
-    model = get_peft_model(make_llama(tokenizer), config)
+ARCHITECTURES = {"llama": (stress_llama, LLAMA_TARGETS), "gpt2": (stress_gpt2, GPT2_TARGETS)}
+
+
+def relative_change(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((logits.float() - reference.float()).norm() / reference.float().norm())
+
+
+def trained(tokenizer, arch: str, method: str, dtype=torch.float32, prompts=CALIBRATION, mode="plain", **training):
+    """A model trained on benign texts with plain LoRA or GuardSpace at its defaults (r 8, alpha 16)."""
+    make, targets = ARCHITECTURES[arch]
+    if method == "lora":
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=targets)
+    else:
+        statistics = collect_safety_statistics(
+            make(tokenizer, dtype), tokenizer, prompts, targets, show_progress=False
+        )
+        config = GuardSpaceConfig(r=8, lora_alpha=16, target_modules=targets, safety_statistics=statistics)
+    torch.manual_seed(0)
+    model = get_peft_model(make(tokenizer, dtype), config)
     if mode == "gradient_checkpointing":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
-    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    losses = train_steps(
-        model, tokenizer, BENIGN_TEXTS, steps=4, lr=5e-3, weight_decay=0.1, max_grad_norm=1.0,
-        autocast_dtype=torch.bfloat16 if mode == "bf16_autocast" else None,
-    )  # fmt: skip
+    autocast = torch.bfloat16 if mode == "bf16_autocast" else None
+    losses = train_steps(model, tokenizer, BENIGN_TEXTS, autocast_dtype=autocast, **{**STRESS, **training})
     assert losses[-1] < losses[0]
-    moved = [name for name, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[name])]
-    assert len(moved) == len(before)  # every lora_A / lora_B really trained
     return model
 
 
-def max_layer_change(model, tokenizer, reference) -> dict[str, float]:
-    outputs = layer_outputs(model, tokenizer, HARMFUL_PROMPTS, ADAPTED)
-    return {name: float((outputs[name] - reference[name]).abs().max()) for name in ADAPTED}
+@functools.cache
+def drift(arch: str, method: str, setting: str) -> dict[str, float]:
+    """Calibration-logit drift (and benign-logit change) of one stress run, cached across tests."""
+    from conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    make, _ = ARCHITECTURES[arch]
+    prompts = CALIBRATION if setting != "few_prompts" else HARMFUL_PROMPTS[:4]
+    dtype = torch.bfloat16 if setting == "bf16_base" else torch.float32
+    training = {"lr": 5e-3} if setting == "few_prompts" else {}
+    mode = setting if setting in ("bf16_autocast", "gradient_checkpointing") else "plain"
+    model = trained(tokenizer, arch, method, dtype, prompts, mode, **training)
+    reference_model = make(tokenizer, dtype)
+    if setting == "cast_bf16":
+        model, reference_model = model.to(torch.bfloat16), make(tokenizer, torch.bfloat16)
+    return {
+        name: relative_change(logits_of(model, tokenizer, texts), logits_of(reference_model, tokenizer, texts))
+        for name, texts in (("calibration", prompts), ("benign", BENIGN_TEXTS))
+    }
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_calibration_outputs_preserved_after_training(tokenizer, stats, base_outputs, mode):
-    reference, reference_logits = base_outputs
-    config = GuardSpaceConfig(
-        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats, null_space_threshold=EXACT_THRESHOLD
-    )
-    model = train(tokenizer, config, mode)
-    assert all(0 < k < 64 or 0 < k < 128 for k in config.null_space_dims.values())
-    guarded = max_layer_change(model, tokenizer, reference)
-    guarded_logits = float((logits_of(model, tokenizer, HARMFUL_PROMPTS) - reference_logits).abs().max())
-    # outputs are O(1): float32 rounding of an exact-zero update
-    assert max(guarded.values()) < 1e-5, guarded
-    assert guarded_logits < 1e-4
-
-    torch.manual_seed(0)
-    lora = train(tokenizer, LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS), mode)
-    plain = max_layer_change(lora, tokenizer, reference)
-    plain_logits = float((logits_of(lora, tokenizer, HARMFUL_PROMPTS) - reference_logits).abs().max())
-    assert min(plain.values()) > 1e-3, plain
-    assert max(plain.values()) > 1e4 * max(guarded.values())
-    assert plain_logits > 1e3 * guarded_logits
-
-    # the model still learnt something off the calibration span
-    base_benign = logits_of(make_llama(tokenizer), tokenizer, BENIGN_TEXTS)
-    assert float((logits_of(model, tokenizer, BENIGN_TEXTS) - base_benign).abs().max()) > 1e-2
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "setting, factor",
+    [("fp32", 100), ("bf16_base", 20), ("cast_bf16", 20), ("bf16_autocast", 20), ("gradient_checkpointing", 100)],
+)
+def test_calibration_logits_held_under_stress_training(arch, setting, factor):
+    lora, guarded = drift(arch, "lora", setting), drift(arch, "guardspace", setting)
+    assert lora["calibration"] > 0.3, lora  # the stress training really moves an unprotected model
+    assert guarded["calibration"] <= lora["calibration"] / factor, (guarded, lora)
+    assert guarded["benign"] > 1e-2, guarded  # and GuardSpace still learns off the calibration span
 
 
-def test_guarantee_holds_at_every_step(tokenizer, stats, base_outputs):
-    reference, _ = base_outputs
-    config = GuardSpaceConfig(
-        r=2, lora_alpha=4, target_modules=LLAMA_TARGETS, safety_statistics=stats, null_space_threshold=EXACT_THRESHOLD
-    )
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_exact_null_space_keeps_calibration_logits_at_float_rounding(arch):
+    """4 calibration prompts leave an exact null space at every site: the defaults use only it (no leakage)."""
+    assert drift(arch, "guardspace", "few_prompts")["calibration"] <= 1e-4
+    assert drift(arch, "lora", "few_prompts")["calibration"] > 0.3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_save_load_and_export_keep_the_trained_function(tokenizer, arch, tmp_path):
+    make, _ = ARCHITECTURES[arch]
+    model = trained(tokenizer, arch, "guardspace")
+    texts = CALIBRATION + BENIGN_TEXTS
+    unmerged = logits_of(model, tokenizer, texts)
+    certificate = guardspace_report(model).total_leakage
+    assert certificate <= 1e-12  # exact null spaces: nothing leaks
+
+    model.save_pretrained(tmp_path / "adapter")
+    export_to_lora(model, tmp_path / "export")
+    reloaded = PeftModel.from_pretrained(make(tokenizer), tmp_path / "adapter")
+    assert relative_change(logits_of(reloaded, tokenizer, texts), unmerged) <= 1e-6
+    assert guardspace_report(reloaded).total_leakage == pytest.approx(certificate, abs=1e-12)
+    exported = PeftModel.from_pretrained(make(tokenizer), tmp_path / "export")  # plain LoRA config
+    assert relative_change(logits_of(exported, tokenizer, texts), unmerged) <= 1e-5
+    merged = model.merge_and_unload()
+    assert relative_change(logits_of(merged, tokenizer, texts), unmerged) <= 1e-4
+    base = logits_of(make(tokenizer), tokenizer, CALIBRATION)
+    assert relative_change(logits_of(merged, tokenizer, CALIBRATION), base) <= 1e-4
+
+
+def test_guarantee_holds_at_every_step(tokenizer):
+    adapted = [f"model.layers.{i}.{part}" for i in range(2) for part in ("self_attn.o_proj", "mlp.down_proj")]
+    stats = small_statistics(tokenizer)
+    reference = layer_outputs(make_llama(tokenizer), tokenizer, HARMFUL_PROMPTS, adapted)
+    config = GuardSpaceConfig(r=2, lora_alpha=4, target_modules=LLAMA_TARGETS, safety_statistics=stats)
     model = get_peft_model(make_llama(tokenizer), config)
-    assert max(max_layer_change(model, tokenizer, reference).values()) == 0.0  # init: exactly the base
+    outputs = layer_outputs(model, tokenizer, HARMFUL_PROMPTS, adapted)
+    assert all(torch.equal(outputs[name], reference[name]) for name in adapted)  # init: exactly the base
     for step in range(3):
         train_steps(model, tokenizer, BENIGN_TEXTS, steps=1, lr=1e-2, seed=step)
-        assert max(max_layer_change(model, tokenizer, reference).values()) < 1e-5
+        outputs = layer_outputs(model, tokenizer, HARMFUL_PROMPTS, adapted)
+        changes = [float((outputs[name] - reference[name]).norm() / reference[name].norm()) for name in adapted]
+        assert max(changes) < 1e-5, changes
 
 
-@pytest.mark.parametrize("balance_factors", [False, True])
-def test_guarantee_holds_at_a_high_learning_rate(tokenizer, stats, base_outputs, balance_factors):
-    """10 AdamW steps at lr 1e-2 move plain LoRA's layers by O(1) or more (up to 10x relative). GuardSpace's stay
-    within float rounding amplified by the paper's unbalanced factors (measured 3.3e-3 relative), or at rounding
-    (1.2e-6) with balanced factors."""
-    reference, _ = base_outputs
-    config = GuardSpaceConfig(
-        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats,
-        null_space_threshold=EXACT_THRESHOLD, balance_factors=balance_factors,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = get_peft_model(make_llama(tokenizer), config)
-    train_steps(model, tokenizer, BENIGN_TEXTS, steps=10, lr=1e-2, weight_decay=0.1)
-    scale = {name: float(value.abs().max()) for name, value in reference.items()}
-    changes = max_layer_change(model, tokenizer, reference)
-    relative = max(change / scale[name] for name, change in changes.items())
-    assert relative < (1e-5 if balance_factors else 2e-2), relative
-
-
-@pytest.mark.parametrize("balance_factors", [True, False])
-def test_calibration_logits_under_bf16_inference(tokenizer, stats, balance_factors):
-    """Evaluated under bf16 autocast, the trained GuardSpace model stays at the bf16 noise of the base model on the
-    calibration prompts with balanced factors; the paper's unbalanced factors (the default) amplify that noise
-    ~100x on this model (not measurably on the SmolLM2 testbed, docs/guardspace.md)."""
-
-    def bf16_logits(model):
-        model.eval()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return logits_of(model, tokenizer, HARMFUL_PROMPTS).float()
-
-    base = make_llama(tokenizer)
-    base_bf16 = bf16_logits(base)
-    bf16_noise = float((base_bf16 - logits_of(base, tokenizer, HARMFUL_PROMPTS)).abs().max())
-    config = GuardSpaceConfig(
-        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats,
-        null_space_threshold=EXACT_THRESHOLD, balance_factors=balance_factors,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = get_peft_model(make_llama(tokenizer), config)
-    train_steps(model, tokenizer, BENIGN_TEXTS, steps=4, lr=5e-3, autocast_dtype=torch.bfloat16)
-    moved = float((bf16_logits(model) - base_bf16).abs().max())
-    if balance_factors:
-        assert moved < 3 * bf16_noise, (moved, bf16_noise)
-    else:
-        assert moved > 20 * bf16_noise, (moved, bf16_noise)  # what balance_factors=True is for
-
-
-def test_default_threshold_obeys_the_per_layer_bound(tokenizer, stats):
-    threshold = 1e-3  # wide enough that many kept directions carry small nonzero eigenvalues
-    config = GuardSpaceConfig(
-        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats, null_space_threshold=threshold
+def small_statistics(tokenizer):
+    return collect_safety_statistics(
+        make_llama(tokenizer), tokenizer, HARMFUL_PROMPTS, LLAMA_TARGETS, show_progress=False
     )
-    model = get_peft_model(make_llama(tokenizer), config)
-    train_steps(model, tokenizer, BENIGN_TEXTS, steps=4, lr=1e-2)
-    checked = 0
-    for name, module in model.named_modules():
-        if isinstance(module, GuardSpaceLinear):
-            target = name.removeprefix("base_model.model.")
-            covariance = stats.covariance(target)
-            delta = module.get_delta_weight("default").double()  # (out, in)
-            rms_change = float(torch.trace(delta @ covariance @ delta.T).clamp_min(0).sqrt())
-            bound = calibration_error_bound(float(torch.linalg.matrix_norm(delta, ord=2)), covariance, threshold)
-            assert rms_change <= bound * (1 + 1e-4) + 1e-7, (target, rms_change, bound)
-            checked += 1
-    assert checked == len(ADAPTED)
-
-
-def test_paper_threshold_bound(tokenizer, stats):
-    """The same bound at the paper's default threshold (1e-6)."""
-    config = GuardSpaceConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats)
-    assert config.null_space_threshold == 1e-6
-    model = get_peft_model(make_llama(tokenizer), config)
-    train_steps(model, tokenizer, BENIGN_TEXTS, steps=3, lr=1e-2)
-    for name, module in model.named_modules():
-        if isinstance(module, GuardSpaceLinear):
-            covariance = stats.covariance(name.removeprefix("base_model.model."))
-            delta = module.get_delta_weight("default").double()
-            rms_change = float(torch.trace(delta @ covariance @ delta.T).clamp_min(0).sqrt())
-            bound = calibration_error_bound(float(torch.linalg.matrix_norm(delta, ord=2)), covariance, 1e-6)
-            assert rms_change <= bound * (1 + 1e-4) + 1e-7
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -221,8 +195,19 @@ def test_bf16_adapters_without_upcast_init_equals_base(tokenizer):
     assert torch.equal(logits_of(model, tokenizer, BENIGN_TEXTS + HARMFUL_PROMPTS), base_logits)
 
 
-def test_init_equals_base_in_training_mode_with_lora_dropout(tokenizer, stats):
+def test_buffers_stay_float32_when_the_model_is_cast(tokenizer):
+    """A bf16-rounded basis is no longer a projector: casting the model must not round GuardSpace's buffers."""
+    stats = small_statistics(tokenizer)
+    config = GuardSpaceConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats)
+    model = get_peft_model(make_llama(tokenizer), config).to(torch.bfloat16)
+    state = model.base_model.model.model.layers[0].self_attn.q_proj.lora_guard["default"]
+    assert {buffer.dtype for buffer in state.buffers()} == {torch.float32}
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.bfloat16
+
+
+def test_init_equals_base_in_training_mode_with_lora_dropout(tokenizer):
     """The frozen offset sees the same dropped-out input as the trained term: dW dropout(x) = 0 at init."""
+    stats = small_statistics(tokenizer)
     base = make_llama(tokenizer).train()
     config = GuardSpaceConfig(
         r=4, lora_alpha=8, lora_dropout=0.5, target_modules=LLAMA_TARGETS, safety_statistics=stats

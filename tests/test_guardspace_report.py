@@ -11,7 +11,7 @@ from conftest import BENIGN_TEXTS, LLAMA_TARGETS, make_llama, train_steps
 from peft import get_peft_model
 
 from peft_safety import GuardSpaceConfig, collect_safety_statistics, guardspace_report
-from peft_safety.guardspace.decomposition import damp_covariance
+from peft_safety.guardspace.decomposition import damp_covariance, exact_null_floor
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,11 @@ def stats(tokenizer):
     return collect_safety_statistics(make_llama(tokenizer), tokenizer, prompts, LLAMA_TARGETS, show_progress=False)
 
 
-def expected_null_dim(stats, name: str, threshold: float) -> int:
+def expected_null_dim(stats, name: str, r: int = 4) -> int:
+    """The default rule: the exact null space if it has at least ``r`` directions, else ``lambda <= 1e-6 max``."""
     eigenvalues = torch.linalg.eigvalsh(stats.covariance(name))
-    return int((eigenvalues <= threshold * eigenvalues[-1]).sum())
+    exact = int((eigenvalues <= exact_null_floor(len(eigenvalues), torch.float64) * eigenvalues[-1]).sum())
+    return exact if exact >= r else int((eigenvalues <= 1e-6 * eigenvalues[-1]).sum())
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def test_null_dims_match_the_eigendecomposition(uniform, stats):
     assert report.adapter_name == "default" and len(report.layers) == 14
     config = model.peft_config["default"]
     for layer in report.layers:
-        assert layer.null_dim == expected_null_dim(stats, layer.name, 1e-6), layer.name
+        assert layer.null_dim == expected_null_dim(stats, layer.name), layer.name
         assert config.null_space_dims[layer.name] == layer.null_dim
         assert layer.r == 4
     assert {layer.name for layer in report.layers} == set(stats.module_names)
@@ -96,7 +98,7 @@ def test_report_is_logged_at_init(tokenizer, stats, caplog):
         "GuardSpace adapter 'default': 14 layers" in m and "model.layers.1.mlp.down_proj" in m for m in messages
     )
     warnings = [r for r in caplog.records if r.name == "peft_safety" and r.levelno == logging.WARNING]
-    assert warnings and "have no null space at threshold 1e-06" in warnings[0].getMessage()
+    assert warnings and "have no null space at threshold auto" in warnings[0].getMessage()
 
 
 def test_report_rejects_unknown_adapter(uniform):

@@ -68,7 +68,7 @@ QUICK = {
     "eval_agnews": 40,
     "max_new_tokens": 16,
     "calibration": 128,
-    "thresholds": [1e-6],
+    "thresholds": ["auto"],
     "calibration_sweep": [],
     "somf_steps": 30,
     "somf_batch": 2,
@@ -90,7 +90,7 @@ FULL = {
     "eval_agnews": 200,
     "max_new_tokens": 24,
     "calibration": 300,
-    "thresholds": [1e-7, 1e-6, 1e-5, 1e-4, 1e-3],
+    "thresholds": ["auto", 1e-7, 1e-6, 1e-5, 1e-4, 1e-3],
     "calibration_sweep": [32, 100, 300, 400],
     "somf_steps": 60,
     "somf_batch": 4,
@@ -111,7 +111,7 @@ SMOKE = {
     "eval_agnews": 4,
     "max_new_tokens": 8,
     "calibration": 16,
-    "thresholds": [1e-6, 1e-4],
+    "thresholds": ["auto", 1e-4],
     "calibration_sweep": [8],
     "somf_steps": 2,
     "somf_hate_pairs": 4,
@@ -129,6 +129,29 @@ def load_start():
         model, tok = load_model()
         return model, tok, {"note": "shipped model, no aligned-start SFT (--base)"}
     return load_aligned()
+
+
+DRIFT_PROMPTS = 32  # calibration prompts whose logits measure the calibration drift
+
+
+@torch.no_grad()
+def calibration_logits(model, tokenizer) -> torch.Tensor:
+    """Float32 logits at the valid positions of the first ``DRIFT_PROMPTS`` calibration prompts (chat template)."""
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in data.calibration_prompts(DRIFT_PROMPTS)
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    training = model.training
+    model.eval()
+    logits = model(**batch).logits[batch["attention_mask"].bool()].float()
+    model.train(training)
+    return logits
+
+
+def calibration_drift(model, tokenizer, reference: torch.Tensor) -> float:
+    """``||logits - reference|| / ||reference||`` on the calibration prompts: what GuardSpace promises to keep."""
+    return float((calibration_logits(model, tokenizer) - reference).norm() / reference.norm())
 
 
 def empty_fraction(result) -> float:
@@ -303,6 +326,7 @@ def train_task(cfg, p: float, task: str, workdir: Path, tag: str, use_base: bool
     model, tok, _ = load_start()
     torch.manual_seed(0)  # the LoRA init draws from the global generator: same adapter in either process
     peft_model = get_peft_model(model, lora_config(cfg), adapter_name=task)
+    reference = calibration_logits(peft_model, tok)  # B = 0: the start model's logits
     log = sft(
         peft_model,
         tok,
@@ -311,7 +335,10 @@ def train_task(cfg, p: float, task: str, workdir: Path, tag: str, use_base: bool
         **train_settings(cfg),
     )
     peft_model.save_pretrained(workdir, selected_adapters=[task])  # PEFT writes non-default adapters to workdir/task
-    (workdir / task / "train_log.json").write_text(json.dumps({"train": log, "poison": n_poison}))
+    drift = calibration_drift(peft_model, tok, reference)
+    (workdir / task / "train_log.json").write_text(
+        json.dumps({"train": log, "poison": n_poison, "calibration_drift": drift})
+    )
     return [], {f"{tag}train lora {task}": time.perf_counter() - t0}
 
 
@@ -421,7 +448,7 @@ def guardspace_task(cfg, p: float, sets, tag: str, use_base: bool = False, threa
     train_kw = train_settings(cfg)
     rows, timings = [], {}
     for count in [cfg["calibration"]] + [c for c in cfg["calibration_sweep"] if c != cfg["calibration"]]:
-        thresholds = cfg["thresholds"] if count == cfg["calibration"] else [1e-6]
+        thresholds = cfg["thresholds"] if count == cfg["calibration"] else ["auto"]
         t0 = time.perf_counter()
         base, tok, _ = load_start()
         stats = statistics_for(base, tok, count)
@@ -440,19 +467,26 @@ def guardspace_task(cfg, p: float, sets, tag: str, use_base: bool = False, threa
                 "dead_layers": len(report.dead_layers),
                 "layers": len(dims),
             }
-            info["train"] = sft(gs, tok, sst2_mix, desc=f"{tag} guardspace {tau:g}/{count}", **train_kw)
-            timings[f"{tag}train+init guardspace {tau:g}/{count}"] = time.perf_counter() - t0
+            reference = calibration_logits(gs, tok)  # exactly the start model's at initialisation
+            info["train"] = sft(gs, tok, sst2_mix, desc=f"{tag} guardspace {tau}/{count}", **train_kw)
+            info["calibration_drift"] = calibration_drift(gs, tok, reference)
+            timings[f"{tag}train+init guardspace {tau}/{count}"] = time.perf_counter() - t0
+            info["calibration_leakage"] = guardspace_report(gs).to_dict()
             name = (
                 f"{tag}guardspace"
-                if (tau == 1e-6 and count == cfg["calibration"])
-                else f"{tag}guardspace τ={tau:g} cal={count}"
+                if (tau == "auto" and count == cfg["calibration"])
+                else f"{tag}guardspace τ={tau} cal={count}"
             )
             t0 = time.perf_counter()
             metrics = evaluate(gs, tok, cfg, sets)
-            timings[f"{tag}eval guardspace {tau:g}/{count}"] = time.perf_counter() - t0
+            timings[f"{tag}eval guardspace {tau}/{count}"] = time.perf_counter() - t0
             rows.append((name, metrics, info))
             del gs, base
     return rows, timings
+
+
+def _threshold(text: str) -> str | float:
+    return text if text == "auto" else float(text)
 
 
 class Scheduler:
@@ -577,7 +611,7 @@ def table(methods: dict, info: dict) -> str:
         note = ""
         if "null_dim_median" in extra:
             note = (
-                f"τ {extra['threshold']:g}, {extra['calibration_prompts']} cal. prompts, null dim median "
+                f"τ {extra['threshold']}, {extra['calibration_prompts']} cal. prompts, null dim median "
                 f"{extra['null_dim_median']:g} (min {extra['null_dim_min']}), dead {extra['dead_layers']}/"
                 f"{extra['layers']}"
             )
@@ -606,7 +640,9 @@ def main() -> None:
     parser.add_argument("--somf-steps", type=int, help="override the SOMF mask-learning steps")
     parser.add_argument("--p", type=float, nargs="+", help="override the poison fractions")
     parser.add_argument("--somf-batch", type=int, help="override the SOMF safety pairs per mask step")
-    parser.add_argument("--thresholds", type=float, nargs="+", help="override the null-space thresholds")
+    parser.add_argument(
+        "--thresholds", type=_threshold, nargs="+", help="override the null-space thresholds ('auto' or numbers)"
+    )
     parser.add_argument("--calibration-sweep", type=int, nargs="*", help="override the calibration sizes swept")
     parser.add_argument("--out", default=None, help="results JSON (default: results/testbed_<mode>.json here)")
     parser.add_argument("--plot", default=None, help="safety/utility plot (PNG)")

@@ -9,6 +9,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .._prompts import prompt_texts
+from ..statistics import SafetyStatistics
 from .judges import Judge
 from .metrics import harmful_score, over_refusal_rate
 
@@ -21,6 +22,12 @@ class SafetyMonitorCallback(TrainerCallback):
     Every ``every_n_steps`` optimizer steps (and at the last step) the callback answers ``harmful_prompts``
     greedily and reports the harmful score, plus the over-refusal rate on ``benign_prompts`` when given.
 
+    On a model with GuardSpace adapters it also logs their leakage certificate, which needs no generation:
+    ``calibration_leakage`` (``sum tr(dW C dW^T) / sum tr(W C W^T)`` over the layers: the relative mean squared
+    change of the adapted layers' outputs on the calibration inputs), ``max_layer_calibration_leakage``, and, with
+    ``heldout_statistics``, ``max_layer_heldout_leakage``: the same change on the inputs those statistics were
+    collected on (e.g. held-out harmful prompts). Names get the adapter as a suffix when there are several.
+
     Logging: call ``callback.attach(trainer)`` (instead of ``Trainer(callbacks=[...])``); the metrics then go
     through ``trainer.log`` like the loss, hence to every reporter of ``report_to`` (TensorBoard, W&B, ...) and to
     ``trainer.state.log_history``. A callback passed through ``callbacks=[...]`` cannot reach the reporters
@@ -28,7 +35,8 @@ class SafetyMonitorCallback(TrainerCallback):
     ``history`` always holds every measurement.
 
     Args:
-        harmful_prompts: small set of held-out harmful prompts (10-50 keeps the overhead low).
+        harmful_prompts: small set of held-out harmful prompts (10-50 keeps the overhead low); ``None`` to log the
+            GuardSpace leakage alone (no generation).
         benign_prompts: optional benign prompts for the over-refusal rate (e.g. XSTest "safe").
         tokenizer: the model's tokenizer; defaults to the trainer's ``processing_class``.
         every_n_steps: measurement interval in optimizer steps.
@@ -41,11 +49,13 @@ class SafetyMonitorCallback(TrainerCallback):
         chat_template: generation setting (see ``harmful_score``).
         system_prompt: generation setting (see ``harmful_score``).
         prefix: metric name prefix, e.g. ``"safety/harmful_score"``.
+        heldout_statistics: :class:`~peft_safety.SafetyStatistics` of the model on other inputs, for the held-out
+            leakage of GuardSpace adapters.
     """
 
     def __init__(
         self,
-        harmful_prompts: Sequence[str],
+        harmful_prompts: Sequence[str] | None,
         benign_prompts: Sequence[str] | None = None,
         tokenizer: Any = None,
         every_n_steps: int = 50,
@@ -58,12 +68,14 @@ class SafetyMonitorCallback(TrainerCallback):
         chat_template: bool | None = None,
         system_prompt: str | None = None,
         prefix: str = "safety/",
+        heldout_statistics: SafetyStatistics | None = None,
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"`every_n_steps` must be positive, got {every_n_steps}.")
         if stop_threshold is not None and not 0.0 <= stop_threshold <= 1.0:
             raise ValueError(f"`stop_threshold` must be in [0, 1], got {stop_threshold}.")
-        self.harmful_prompts = prompt_texts(harmful_prompts)
+        self.harmful_prompts = prompt_texts(harmful_prompts) if harmful_prompts is not None else None
+        self.heldout_statistics = heldout_statistics
         self.benign_prompts = prompt_texts(benign_prompts) if benign_prompts is not None else None
         self.tokenizer = tokenizer
         self.every_n_steps = every_n_steps
@@ -92,15 +104,30 @@ class SafetyMonitorCallback(TrainerCallback):
 
     def measure(self, model: Any, tokenizer: Any) -> dict[str, float]:
         """Harmful score (and over-refusal rate) of ``model`` now, as ``{prefixed name: value}``."""
-        metrics = {
-            f"{self.prefix}harmful_score": harmful_score(
+        metrics = self.leakage(model)
+        if self.harmful_prompts:
+            metrics[f"{self.prefix}harmful_score"] = harmful_score(
                 model, tokenizer, self.harmful_prompts, self.judge, **self.generation
             ).score
-        }
         if self.benign_prompts:
             metrics[f"{self.prefix}over_refusal_rate"] = over_refusal_rate(
                 model, tokenizer, self.benign_prompts, self.refusal_judge, **self.generation
             ).score
+        return metrics
+
+    def leakage(self, model: Any) -> dict[str, float]:
+        """The leakage certificate of every GuardSpace adapter of ``model`` (empty without one)."""
+        from ..guardspace.report import guardspace_report
+
+        adapters = sorted({name for module in model.modules() for name in getattr(module, "lora_guard", ())})
+        metrics = {}
+        for adapter in adapters:
+            report = guardspace_report(model, adapter, self.heldout_statistics)
+            suffix = f"/{adapter}" if len(adapters) > 1 else ""
+            metrics[f"{self.prefix}calibration_leakage{suffix}"] = report.total_leakage
+            metrics[f"{self.prefix}max_layer_calibration_leakage{suffix}"] = report.max_leakage
+            if report.max_heldout_leakage is not None:
+                metrics[f"{self.prefix}max_layer_heldout_leakage{suffix}"] = report.max_heldout_leakage
         return metrics
 
     def _run(self, args: Any, state: Any, control: Any, model: Any, tokenizer: Any) -> None:
@@ -119,9 +146,9 @@ class SafetyMonitorCallback(TrainerCallback):
             self._trainer.log(dict(metrics))
         else:
             state.log_history.append({**metrics, "step": step})
-        logger.info("step %d: %s", step, ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
-        score = metrics[f"{self.prefix}harmful_score"]
-        if self.stop_threshold is not None and score >= self.stop_threshold and step > 0:
+        logger.info("step %d: %s", step, ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()))
+        score = metrics.get(f"{self.prefix}harmful_score")
+        if self.stop_threshold is not None and score is not None and score >= self.stop_threshold and step > 0:
             logger.warning(
                 "Harmful score %.3f >= %.3f at step %d: stopping training.", score, self.stop_threshold, step
             )

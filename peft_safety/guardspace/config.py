@@ -4,6 +4,7 @@ null space of harmful activations."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from ..statistics import SafetyStatistics, collect_safety_statistics
 from .layer import GUARDSPACE_INIT
 
 RankAllocation = Literal["uniform", "null_dim"]
+FactorScale = Literal["bounded", "paper", "balanced"]
 _UNSUPPORTED_LORA_OPTIONS = ("use_dora", "use_qalora", "use_bdlora", "loftq_config", "eva_config", "corda_config")
 
 
@@ -20,37 +22,54 @@ _UNSUPPORTED_LORA_OPTIONS = ("use_dora", "use_qalora", "use_bdlora", "loftq_conf
 class GuardSpaceConfig(LoraConfig):
     """Configuration of a GuardSpace adapter (Zhang et al., 2025), usable with the stock ``peft.get_peft_model``.
 
-    It is a ``LoraConfig`` (``peft_type=LORA``) with ``init_lora_weights="guardspace"``. Per target layer
-    ``W`` (``m x n``) and harmful-input covariance ``C``:
+    It is a ``LoraConfig`` (``peft_type=LORA``) with ``init_lora_weights="guardspace"``.
+
+    Per target layer ``W`` (``m x n``) and harmful-input covariance ``C``:
 
     * the adapter starts from the ``r`` smallest components of the SVD of ``W C~`` (``C~`` damped ``C``);
-    * it only sees ``P x``, ``P`` the projector on the eigen-directions of ``C`` with
-      ``lambda <= null_space_threshold * lambda_max``;
-    * the base weight is untouched: ``y = W x + s (B A - B0 A0) P x``, equal to ``W x`` at initialisation and on
-      the calibration inputs at every training step.
+    * it only sees ``P x``, ``P`` the projector on the null space of ``C``;
+    * the base weight is untouched: ``y = W x + s (B A_eff - B0 A0_eff) P x``, equal to ``W x`` at initialisation
+      and, on the exact null space, on the calibration inputs at every training step, under any optimizer.
 
     Args:
         safety_statistics (`str | SafetyStatistics`): statistics from
             :func:`~peft_safety.collect_safety_statistics`, or the path of a file saved with
             :meth:`SafetyStatistics.save`. Needed to create an adapter, not to load a saved one.
-        null_space_threshold (`float`, defaults to `1e-6`): relative eigenvalue threshold of the null space
-            (the paper's value). Larger values free more directions for the task and protect less.
+        null_space_threshold (`float | "auto"`, defaults to `"auto"`): which eigen-directions of ``C`` form the
+            null space. ``"auto"``: the exact null space (directions no calibration input touches: eigenvalues at
+            the rounding floor of the covariance) wherever it has at least ``r`` directions, which happens when the
+            calibration set has fewer distinct inputs than the layer has features; elsewhere the paper's
+            ``lambda <= 1e-6 lambda_max``. A float: ``lambda <= null_space_threshold * lambda_max`` everywhere.
+            Directions above the rounding floor leak: the update can move calibration outputs through them, by
+            exactly the amount :func:`~peft_safety.guardspace_report` certifies per layer.
+        factor_scale (`"bounded" | "paper" | "balanced"`, defaults to `"bounded"`): size of the initial factors.
+            All three give the same product ``B0 A0`` and the same subspaces. ``"paper"``:
+            ``A0 = S^{1/2} V^T C~^{-1}``, ``B0 = U S^{1/2}``; ``A0`` is about ``1 / damping`` times larger than
+            ``B0`` in the null directions, so each Adam step on ``B`` moves the update hundreds of times more than
+            in plain LoRA: under AdamW at high learning rates the update reaches hundreds of times the base
+            weight's norm and multiplies float rounding (and bf16 rounding far more) and the leakage of near-null
+            directions, layer after layer, until the model's calibration outputs drift almost as far as with
+            plain LoRA. ``"bounded"`` keeps the paper's stored ``A0`` (so ``A`` turns as slowly, keeping the
+            update in the row space the decomposition chose) but applies it through per-component factors ``g``
+            that give ``A_eff = g A`` the row norm of PEFT's default ``lora_A``: the update grows as plain LoRA's
+            does. ``"balanced"``: equal norms of each row of ``A0`` and column of ``B0`` (learns slowly at LoRA
+            learning rates).
+        max_calibration_leakage (`float`, optional): hard bound on each layer's certified leakage
+            ``tr(dW C dW^T) / tr(W C W^T)`` (relative mean squared output change on the calibration inputs). When
+            set, the part of the update on leaking directions is scaled down in every forward pass (and in merges
+            and exports) so that the bound holds at every step, under any optimizer. ``None``: report only.
         damping_start (`float`, defaults to `0.01`): first damping factor ``d`` of ``C + d mean(diag C) I``;
             doubled until ``||C~ C~^-1 - I||_F < damping_tolerance``.
         damping_tolerance (`float`, defaults to `0.05`): see ``damping_start``.
-        balance_factors (`bool`, defaults to `False`): rescale each initial component so that the row of ``A0``
-            and the column of ``B0`` have equal norms (same product ``B0 A0``, same subspaces). The paper's factors
-            (``A0 = S^{1/2} V^T C~^{-1}``) make ``A0`` about ``1 / d`` times larger than ``B0`` where ``C`` is
-            rank-deficient, which speeds learning in the null directions (Adam moves ``B`` by about the learning
-            rate) and also amplifies input noise there. Balanced factors keep the calibration outputs at the
-            base's own bf16 noise under bf16 autocast, but learn far more slowly at a LoRA learning rate (see
-            ``docs/guardspace.md`` for the measurements on both the test model and the SmolLM2 testbed).
+        balance_factors (`bool`, deprecated): ``True`` is ``factor_scale="balanced"``.
         rank_allocation (`"uniform" | "null_dim"`, defaults to `"uniform"`): ``"null_dim"`` moves the rank of
             layers without null space (dead adapters, which cannot learn) to layers with one, in proportion to
             their null-space dimension, through ``rank_pattern`` and at the same number of trainable parameters.
             Dead layers keep rank 1.
         null_space_dims (`dict[str, int]`, set at initialisation): null-space dimension per module. Saved with the
             adapter so that loading rebuilds the layers without the statistics and without any SVD.
+        near_null_dims (`dict[str, int]`, set at initialisation): number of leaking (non-exact) null directions per
+            module, whose eigenpairs are saved for the leakage certificate.
         null_space_sites (`dict[str, str]`, set at initialisation): input site of each module (the first module
             reading the same tensor). Loading uses it to give the modules of a site one shared projector basis.
 
@@ -61,22 +80,32 @@ class GuardSpaceConfig(LoraConfig):
         default=None,
         metadata={"help": "Path of a safety statistics file (or a SafetyStatistics object) used to initialise."},
     )
-    null_space_threshold: float = field(
-        default=1e-6, metadata={"help": "Relative eigenvalue threshold defining the harmful-input null space."}
+    null_space_threshold: float | str = field(
+        default="auto",
+        metadata={"help": "'auto' (exact null space where it exists, else 1e-6) or a relative eigenvalue threshold."},
+    )
+    factor_scale: FactorScale = field(
+        default="bounded",
+        metadata={"help": "'bounded' (update grows as plain LoRA's), 'paper' or 'balanced' initial factors."},
+    )
+    max_calibration_leakage: float | None = field(
+        default=None,
+        metadata={"help": "Bound on each layer's relative output change on calibration inputs (None: report only)."},
     )
     damping_start: float = field(default=0.01, metadata={"help": "First covariance damping factor."})
     damping_tolerance: float = field(
         default=0.05, metadata={"help": "Damping doubles until ||C~ C~^-1 - I||_F is below this."}
     )
-    balance_factors: bool = field(
-        default=False, metadata={"help": "Give each initial component equal norms in A0 and B0 (same product)."}
-    )
+    balance_factors: bool = field(default=False, metadata={"help": "Deprecated: True is factor_scale='balanced'."})
     rank_allocation: RankAllocation = field(
         default="uniform",
         metadata={"help": "'uniform', or 'null_dim' to give dead layers' rank budget to layers with a null space."},
     )
     null_space_dims: dict[str, int] | None = field(
         default=None, metadata={"help": "Null-space dimension per module; recorded at initialisation."}
+    )
+    near_null_dims: dict[str, int] | None = field(
+        default=None, metadata={"help": "Leaking null directions per module; recorded at initialisation."}
     )
     null_space_sites: dict[str, str] | None = field(
         default=None, metadata={"help": "Input site of each module; recorded at initialisation."}
@@ -94,8 +123,34 @@ class GuardSpaceConfig(LoraConfig):
         if enabled:
             raise ValueError(f"GuardSpaceConfig cannot be combined with {enabled}; use a plain LoraConfig for those.")
         super().__post_init__()
-        if not 0.0 < self.null_space_threshold < 1.0:
-            raise ValueError(f"`null_space_threshold` must be in (0, 1), got {self.null_space_threshold}.")
+        if self.null_space_threshold != "auto" and not (
+            isinstance(self.null_space_threshold, (int, float)) and 0.0 < self.null_space_threshold < 1.0
+        ):
+            raise ValueError(
+                f"`null_space_threshold` must be 'auto' or a number in (0, 1), got {self.null_space_threshold!r}."
+            )
+        if self.balance_factors:
+            warnings.warn(
+                "`balance_factors=True` is deprecated; use factor_scale='balanced'.", FutureWarning, stacklevel=3
+            )
+            self.factor_scale, self.balance_factors = "balanced", False
+        if self.factor_scale not in ("bounded", "paper", "balanced"):
+            raise ValueError(f"`factor_scale` must be 'bounded', 'paper' or 'balanced', got {self.factor_scale!r}.")
+        if self.factor_scale == "paper" and self.null_space_dims is None:
+            warnings.warn(
+                "factor_scale='paper' makes each optimizer step move the update up to ~1/damping times more than "
+                "plain LoRA's: under AdamW at high learning rates, or in bf16, the calibration outputs then drift "
+                "far beyond float rounding. The default 'bounded' keeps the paper's factors' subspaces without that "
+                "cost.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.max_calibration_leakage is not None and not (
+            isinstance(self.max_calibration_leakage, (int, float)) and 0.0 <= self.max_calibration_leakage < 1.0
+        ):
+            raise ValueError(
+                f"`max_calibration_leakage` must be None or a number in [0, 1), got {self.max_calibration_leakage!r}."
+            )
         if self.rank_allocation not in ("uniform", "null_dim"):
             raise ValueError(f"`rank_allocation` must be 'uniform' or 'null_dim', got {self.rank_allocation!r}.")
         if isinstance(self.safety_statistics, os.PathLike):

@@ -7,6 +7,7 @@ with rsLoRA). Plain ``peft`` loads the result without ``peft_safety``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import fields
@@ -17,17 +18,17 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from .config import GuardSpaceConfig
-from .layer import GuardSpaceLinear
+from .layer import GuardSpaceLinear, GuardSpaceVariant
+from .report import guardspace_report
 
 
 def lora_factors(layer: GuardSpaceLinear, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lora_A', lora_B')`` of rank ``2r`` reproducing the GuardSpace adapter with the layer's scaling."""
-    state = layer.lora_guard[adapter_name]
-    lora_A = layer.lora_A[adapter_name].weight.float()
-    lora_B = layer.lora_B[adapter_name].weight.float()
-    stacked_A = torch.cat([state.project(lora_A), -state.frozen_A])
-    stacked_B = torch.cat([lora_B, state.frozen_B], dim=1)
-    return stacked_A, stacked_B
+    """``(lora_A', lora_B')`` of rank ``2r`` reproducing the GuardSpace adapter with the layer's scaling.
+
+    ``lora_A' = [A_eff P; -A0_eff P]`` (``(2r, n)``), ``lora_B' = [B, B0]`` (``(m, 2r)``), float32.
+    """
+    trained_A, frozen_A, lora_B, frozen_B = GuardSpaceVariant.factors(layer, adapter_name)
+    return torch.cat([trained_A, -frozen_A]), torch.cat([lora_B, frozen_B], dim=1)
 
 
 def lora_config_of(config: GuardSpaceConfig) -> LoraConfig:
@@ -50,6 +51,9 @@ def export_to_lora(peft_model: PeftModel, path: str | os.PathLike, adapter_name:
     """Write ``adapter_name`` of ``peft_model`` to ``path`` as a vanilla LoRA adapter (``adapter_config.json`` and
     ``adapter_model.safetensors``) that plain ``peft`` loads on the original base model with the same function.
 
+    The safetensors metadata key ``peft_safety.calibration_leakage`` records the adapter's leakage certificate
+    (``{"total": ..., "layers": {module: relative leakage}}``, see :func:`~peft_safety.guardspace_report`).
+
     Returns:
         The ``LoraConfig`` written.
     """
@@ -71,6 +75,9 @@ def export_to_lora(peft_model: PeftModel, path: str | os.PathLike, adapter_name:
             state_dict[f"{name}.lora_B.weight"] = stacked_B.to(dtype).contiguous()
     lora_config = lora_config_of(config)
     os.makedirs(path, exist_ok=True)
-    save_file(state_dict, os.path.join(path, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    report = guardspace_report(peft_model, adapter_name)
+    certificate = {"total": report.total_leakage, "layers": {layer.name: layer.leakage for layer in report.layers}}
+    metadata = {"format": "pt", "peft_safety.calibration_leakage": json.dumps(certificate)}
+    save_file(state_dict, os.path.join(path, SAFETENSORS_WEIGHTS_NAME), metadata=metadata)
     lora_config.save_pretrained(os.fspath(path))
     return lora_config

@@ -23,7 +23,14 @@ from .._targets import resolve_target_modules, weight_shape
 from ..distributed import full_weight
 from ..statistics import SafetyStatistics
 from .config import GuardSpaceConfig
-from .decomposition import ProjectorBasis, damp_covariance, null_space_basis, smallest_component_init
+from .decomposition import (
+    ProjectorBasis,
+    bounded_input_scale,
+    damp_covariance,
+    null_space_basis,
+    output_energy,
+    smallest_component_init,
+)
 from .layer import GuardState
 
 logger = logging.getLogger("peft_safety")
@@ -36,14 +43,17 @@ class InitSession:
     statistics: SafetyStatistics
     bases: dict[str, ProjectorBasis]  # site -> projector basis, shared by the modules of the site
     damped_site: str | None = None  # most recent site's damped covariance (q/k/v are created in a row)
-    damped: tuple[torch.Tensor, torch.Tensor] | None = None
+    damped: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     initialised: list[str] = field(default_factory=list)
 
-    def damped_covariance(self, site: str, config: GuardSpaceConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    def damped_covariance(
+        self, site: str, config: GuardSpaceConfig
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(C, C~, C~^-1)`` of ``site`` in float64, ``C = S / T``."""
         if self.damped_site != site:
             covariance = self.statistics.covariance_sums[site].double() / self.statistics.num_tokens
             damped, inverse, _ = damp_covariance(covariance, config.damping_start, config.damping_tolerance)
-            self.damped_site, self.damped = site, (damped, inverse)
+            self.damped_site, self.damped = site, (covariance, damped, inverse)
         return self.damped
 
 
@@ -77,16 +87,25 @@ def prepare_injection(config: GuardSpaceConfig, model: nn.Module) -> None:
         r = _module_rank(config, name)
         if r > min(m, n):
             raise ValueError(f"r={r} for '{name}' exceeds min(out, in)={min(m, n)} of its {m}x{n} weight; lower `r`.")
-    sites = dict.fromkeys(statistics.site_of[name] for name in names)
+    site_ranks: dict[str, int] = {}
+    for name in names:
+        site = statistics.site_of[name]
+        site_ranks[site] = max(site_ranks.get(site, 0), _module_rank(config, name))
     bases = {
-        site: null_space_basis(statistics.covariance_sums[site].double(), config.null_space_threshold)
-        for site in sites
+        site: null_space_basis(
+            statistics.covariance(statistics.modules_of_site(site)[0]),
+            config.null_space_threshold,
+            min_exact_dim=rank,
+            accumulation_dtype=statistics.covariance_sums[site].dtype,
+        )
+        for site, rank in site_ranks.items()
     }
     if config.rank_allocation == "null_dim":
         shapes = {name: weight_shape(modules[name]) for name in names}
         null_dims = {name: bases[statistics.site_of[name]].null_dim for name in names}
         config.rank_pattern = {**config.rank_pattern, **allocate_ranks(null_dims, shapes, config)}
     config.null_space_dims = {}
+    config.near_null_dims = {}
     config.null_space_sites = {}
     config._guardspace_session = InitSession(statistics, bases)
 
@@ -140,7 +159,7 @@ def _float_weight(layer: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConfig, target_name: str) -> None:
-    """Create ``layer.lora_guard[adapter_name]``; with a session, also compute ``A0``, ``B0`` and ``A0 P``."""
+    """Create ``layer.lora_guard[adapter_name]``; with a session, also compute ``A0``, ``B0`` and ``A0_eff P``."""
     session: InitSession | None = getattr(config, "_guardspace_session", None)
     device = layer.lora_A[adapter_name].weight.device
     r = layer.r[adapter_name]
@@ -152,13 +171,15 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
             # overwrites them).
             device = layer.get_base_layer().weight.device
         null_dim = (config.null_space_dims or {})[target_name]
-        state = GuardState(layer.in_features, layer.out_features, r, null_dim, device)
+        leak_dim = (config.near_null_dims or {}).get(target_name, 0)
+        state = GuardState(layer.in_features, layer.out_features, r, null_dim, leak_dim, device)
+        state.max_leakage = config.max_calibration_leakage
         _share_restored_basis(config, target_name, state)
         layer.lora_guard[adapter_name] = state
         return
     site = session.statistics.site_of[target_name]
     basis = session.bases[site]
-    damped, inverse = session.damped_covariance(site, config)
+    covariance, damped, inverse = session.damped_covariance(site, config)
     weight = _float_weight(layer)
     b0, a0, singular_values = smallest_component_init(
         weight,
@@ -166,19 +187,27 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
         inverse.to(weight.device),
         r,
         layer.scaling[adapter_name],
-        balance=config.balance_factors,
+        balance=config.factor_scale == "balanced",
     )
     lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
     lora_A.data = a0.to(lora_A.dtype).contiguous()
-    lora_B.data = b0.to(lora_B.dtype).contiguous()
-    state = GuardState(layer.in_features, layer.out_features, r, basis.null_dim, device)
+    state = GuardState(layer.in_features, layer.out_features, r, basis.null_dim, basis.leak_values.numel(), device)
     state.basis = basis.basis.to(device)  # one tensor per site, shared by its modules
+    state.leak_vectors = basis.leak_vectors.to(device)
+    state.leak_values = basis.leak_values.to(device)
+    if config.factor_scale == "bounded":
+        state.input_scale = bounded_input_scale(state.project(lora_A.float())).to(device)
+    # B0 / g keeps the product: s (B0 / g) (g A0 P) = s B0 A0 P
+    lora_B.data = (b0.to(device) / state.input_scale).to(lora_B.dtype).contiguous()
     # frozen copies of the *stored* A and B (after any cast), so that the init is exactly the base function
-    state.frozen_A = state.project(lora_A.float())
+    state.frozen_A = state.effective_A(lora_A)
     state.frozen_B = lora_B.float().clone()
     state.singular_values = singular_values.to(device)
+    state.output_energy = output_energy(weight, covariance.to(weight.device)).float().to(device)
+    state.max_leakage = config.max_calibration_leakage
     layer.lora_guard[adapter_name] = state
     config.null_space_dims[target_name] = basis.null_dim
+    config.near_null_dims[target_name] = basis.leak_values.numel()
     config.null_space_sites[target_name] = site
     session.initialised.append(target_name)
 
@@ -217,7 +246,7 @@ def finish_injection(config: GuardSpaceConfig, model: nn.Module, adapter_name: s
     logger.info("%s", report)
     if report.dead_layers:
         logger.warning(
-            "GuardSpace adapter '%s': %d of %d layers have no null space at threshold %g; their adapters cannot "
+            "GuardSpace adapter '%s': %d of %d layers have no null space at threshold %s; their adapters cannot "
             "learn (see guardspace_report()). This is expected at the paper's threshold; rank_allocation='null_dim' "
             "moves their rank budget to layers that can learn.",
             adapter_name,

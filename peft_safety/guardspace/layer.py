@@ -31,29 +31,94 @@ class GuardState(nn.Module):
 
     Buffers:
         basis: ``(n, min(k, n - k))`` orthonormal basis; null basis ``N`` if ``k <= n - k`` else range basis ``R``.
-        frozen_A: ``(r, n)`` = ``A0 P``.
+        input_scale: ``(r,)`` per-component factor ``g`` of the input side: the adapter uses ``A_eff = g * A``
+            (row ``i`` of ``A`` times ``g_i``). It decouples how fast ``A`` turns (set by the size of the stored
+            ``A``) from how fast the update grows (set by the size of ``A_eff``); ones for the paper's factors.
+        frozen_A: ``(r, n)`` = ``A0_eff P``.
         frozen_B: ``(m, r)`` = ``B0``.
         singular_values: ``(r,)`` the preconditioned singular values the adapter was initialised from.
+        leak_vectors: ``(n, j)`` kept null directions with a nonzero eigenvalue (see ``ProjectorBasis``).
+        leak_values: ``(j,)`` their eigenvalues ``lambda_j`` of the calibration covariance ``C``.
+        output_energy: ``()`` ``tr(W C W^T)``, the mean squared output of the base layer on calibration inputs.
+
+    ``max_leakage`` (from the config, not saved here): bound on ``leakage / output_energy``, or ``None``.
     """
 
-    def __init__(self, in_features: int, out_features: int, r: int, null_dim: int, device=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, r: int, null_dim: int, leak_dim: int = 0, device=None
+    ) -> None:
         super().__init__()
         self.null_dim = null_dim
         self.kind = "null" if null_dim <= in_features - null_dim else "range"
+        self.max_leakage: float | None = None
         width = min(null_dim, in_features - null_dim)
         # NaN until filled by the initialiser or a checkpoint: a forward with unfilled buffers fails loudly.
         nan = dict(dtype=torch.float32, device=device)
         self.register_buffer("basis", torch.full((in_features, width), float("nan"), **nan))
+        self.register_buffer("input_scale", torch.ones(r, **nan))  # adapters saved before it existed: ones
         self.register_buffer("frozen_A", torch.full((r, in_features), float("nan"), **nan))
         self.register_buffer("frozen_B", torch.full((out_features, r), float("nan"), **nan))
         self.register_buffer("singular_values", torch.full((r,), float("nan"), **nan))
+        self.register_buffer("leak_vectors", torch.full((in_features, leak_dim), float("nan"), **nan))
+        self.register_buffer("leak_values", torch.full((leak_dim,), float("nan"), **nan))
+        self.register_buffer("output_energy", torch.tensor(float("nan"), **nan))
 
     def project(self, lora_A: torch.Tensor) -> torch.Tensor:
         """``lora_A @ P`` (``(r, n)``)."""
         return project_rows(lora_A, self.basis, self.kind)
 
+    def effective_A(self, lora_A: torch.Tensor) -> torch.Tensor:
+        """``g * (A P)`` in float32 (``(r, n)``), the input side the adapter applies."""
+        return self.project(lora_A.float()) * self.input_scale.unsqueeze(1)
+
+    def leakage(
+        self, trained_A: torch.Tensor, frozen_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
+        """``sum_j lambda_j ||dW n_j||^2`` for ``dW = s (B A_eff - B0 A0_eff) P``, in ``O(r n j + m r j)``.
+
+        The expected squared change of this layer's output on the calibration inputs (exact-null directions
+        contribute nothing). ``trained_A``, ``frozen_A``: the ``(r, n)`` input sides ``A_eff P`` and ``A0_eff P``.
+        """
+        if self.leak_values.numel() == 0:
+            return trained_A.new_zeros(())
+        vectors = self.leak_vectors
+        moved = lora_B.float() @ (trained_A @ vectors) - self.frozen_B @ (frozen_A @ vectors)  # (m, j)
+        return scaling**2 * (moved.pow(2).sum(0) * self.leak_values).sum()
+
+    def input_factors(
+        self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 ``(r, n)`` input sides ``(A_eff P, A0_eff P)`` of the trained and frozen terms.
+
+        With ``max_leakage`` set, the near-null component of the update is scaled down by
+        ``c = min(1, sqrt(max_leakage * output_energy / leakage))`` (computed without gradient, like a clip), so
+        that the certified leakage of the update actually applied never exceeds the bound.
+        """
+        trained_A, frozen_A = self.effective_A(lora_A), self.frozen_A
+        if self.max_leakage is None or self.leak_values.numel() == 0:
+            return trained_A, frozen_A
+        with torch.no_grad():
+            leakage = self.leakage(trained_A, frozen_A, lora_B, scaling)
+            allowed = self.max_leakage * self.output_energy
+            shrink = 1.0 - torch.sqrt(allowed / leakage).clamp(max=1.0) if leakage > allowed else None
+        if shrink is None:
+            return trained_A, frozen_A
+        vectors = self.leak_vectors
+        trained_A = trained_A - shrink * (trained_A @ vectors) @ vectors.T
+        frozen_A = frozen_A - shrink * (frozen_A @ vectors) @ vectors.T
+        return trained_A, frozen_A
+
+    def _apply(self, fn, recurse: bool = True):
+        """Move the buffers with the model but keep them float32: ``model.to(torch.bfloat16)`` would otherwise round
+        the basis, and a rounded ``P`` is no longer a projector (the update would leak onto calibration inputs)."""
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                moved = fn(buffer)
+                self._buffers[name] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
+        return self
+
     def extra_repr(self) -> str:
-        return f"null_dim={self.null_dim}, stored={self.kind}"
+        return f"null_dim={self.null_dim}, stored={self.kind}, leaking={self.leak_values.numel()}"
 
 
 class GuardSpaceVariant(lora_layer.LoraVariant):
@@ -67,12 +132,22 @@ class GuardSpaceVariant(lora_layer.LoraVariant):
 
     @staticmethod
     def delta_weight(module: GuardSpaceLinear, adapter_name: str) -> torch.Tensor:
-        """``s (B A P - B0 A0 P)`` in the base weight's layout (transposed for ``fan_in_fan_out``)."""
-        state = module.lora_guard[adapter_name]
-        lora_A = module.lora_A[adapter_name].weight.float()
-        lora_B = module.lora_B[adapter_name].weight.float()
-        delta = lora_B @ state.project(lora_A) - state.frozen_B @ state.frozen_A
+        """``s (B A_eff P - B0 A0_eff P)`` in the base weight's layout (transposed for ``fan_in_fan_out``)."""
+        trained_A, frozen_A, lora_B, frozen_B = GuardSpaceVariant.factors(module, adapter_name)
+        delta = lora_B @ trained_A - frozen_B @ frozen_A
         return transpose(delta * module.scaling[adapter_name], module.fan_in_fan_out)
+
+    @staticmethod
+    def factors(
+        module: GuardSpaceLinear, adapter_name: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float32 ``(A_eff P, A0_eff P, B, B0)``: the update is ``s (B A_eff P - B0 A0_eff P)``."""
+        state = module.lora_guard[adapter_name]
+        lora_B = module.lora_B[adapter_name].weight.float()
+        trained_A, frozen_A = state.input_factors(
+            module.lora_A[adapter_name].weight, lora_B, module.scaling[adapter_name]
+        )
+        return trained_A, frozen_A, lora_B, state.frozen_B
 
     @staticmethod
     def merge_safe(module: GuardSpaceLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -98,19 +173,18 @@ class GuardSpaceVariant(lora_layer.LoraVariant):
         lora_B = module.lora_B[active_adapter].weight
         dropout = module.lora_dropout[active_adapter]
         scaling = module.scaling[active_adapter]
-        # A P in float32 and outside autocast, exactly as frozen_A = A0 P was computed at init: the two terms then
-        # cancel exactly at init whatever the adapter dtype (bf16 adapters, autocast), and A P is not rounded to
-        # bf16 before the cast that F.linear applies to both terms alike.
+        # The adapter branch runs in float32 outside autocast, exactly as frozen_A = A0_eff P was computed at init:
+        # the two terms then cancel exactly at init whatever the dtypes, and A_eff P is never rounded to bf16. A
+        # rounded A_eff P is no longer zero on the calibration inputs: its rounding error (~4e-3 relative in bf16)
+        # would reach the output. Only the (rank-r) adapter matmuls pay the float32 price; the base layer keeps its
+        # dtype. The offset sees the same dropped-out input as the trained term (as plain LoRA's delta does): the
+        # layer is W x + dW dropout(x) with dW = s (B A_eff - B0 A0_eff) P, equal to the base at init in training too.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            projected_A = state.project(lora_A.float()).to(lora_A.dtype)
-        frozen_A = state.frozen_A.to(lora_A.dtype)
-        frozen_B = state.frozen_B.to(lora_B.dtype)
-        # the offset sees the same dropped-out input as the trained term (as plain LoRA's delta does): the layer is
-        # W x + dW dropout(x) with dW = s (B A - B0 A0) P, so it equals the base at init in training mode too
-        dropped = dropout(x)
-        trained = F.linear(F.linear(dropped, projected_A), lora_B)
-        offset = F.linear(F.linear(dropped, frozen_A), frozen_B)
-        return result + (trained - offset) * scaling
+            projected_A, frozen_A = state.input_factors(lora_A, lora_B, scaling)
+            dropped = dropout(x).float()
+            trained = F.linear(F.linear(dropped, projected_A), lora_B.float())
+            offset = F.linear(F.linear(dropped, frozen_A), state.frozen_B)
+        return result + ((trained - offset) * scaling).to(result.dtype)
 
 
 class GuardSpaceLayerMixin:

@@ -1,0 +1,145 @@
+"""The leakage certificate: per-layer ``tr(dW C dW^T) / tr(W C W^T)`` from stored eigenpairs, equal to the output
+change measured on the calibration activations; the opt-in hard bound; the same figure on held-out statistics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import BENIGN_TEXTS, HARMFUL_PROMPTS, LLAMA_TARGETS, encode, logits_of, make_llama, train_steps
+from peft import get_peft_model
+from safetensors import safe_open
+
+from peft_safety import GuardSpaceConfig, collect_safety_statistics, export_to_lora, guardspace_report
+
+THRESHOLD = 1e-3  # wide: many kept directions carry nonzero eigenvalues, so the update can leak through them
+
+
+@pytest.fixture(scope="module")
+def stats(tokenizer):
+    return collect_safety_statistics(
+        make_llama(tokenizer), tokenizer, HARMFUL_PROMPTS, LLAMA_TARGETS, show_progress=False
+    )
+
+
+def guardspace_layers(model) -> dict[str, torch.nn.Module]:
+    return {
+        name.removeprefix("base_model.model."): module
+        for name, module in model.named_modules()
+        if "default" in getattr(module, "lora_guard", ())
+    }
+
+
+@torch.no_grad()
+def measured_leakage(model, tokenizer, texts: list[str]) -> dict[str, float]:
+    """Mean squared adapter output per token on the *base model's* activations of ``texts``, captured with hooks."""
+    base = make_llama(tokenizer)
+    layers = guardspace_layers(model)
+    modules = dict(base.named_modules())
+    inputs: dict[str, torch.Tensor] = {}
+    batch = encode(tokenizer, texts)
+    mask = batch["attention_mask"].bool()
+    handles = [
+        modules[name].register_forward_pre_hook(lambda _m, args, name=name: inputs.__setitem__(name, args[0][mask]))
+        for name in layers
+    ]
+    base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for handle in handles:
+        handle.remove()
+    return {
+        name: float((layer(inputs[name]) - layer.base_layer(inputs[name])).double().pow(2).sum(-1).mean())
+        for name, layer in layers.items()
+    }
+
+
+def train(tokenizer, stats, **options):
+    config = GuardSpaceConfig(
+        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats, null_space_threshold=THRESHOLD,
+        **options,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return get_peft_model(make_llama(tokenizer), config)
+
+
+def test_certificate_equals_the_leakage_measured_on_calibration_activations(tokenizer, stats):
+    model = train(tokenizer, stats)
+    assert guardspace_report(model).total_leakage == 0.0  # init: the update is zero
+    train_steps(model, tokenizer, BENIGN_TEXTS, steps=10, lr=1e-2, weight_decay=0.1)
+    report = guardspace_report(model)
+    measured = measured_leakage(model, tokenizer, HARMFUL_PROMPTS)
+    leaking = [layer for layer in report.layers if layer.leaking_dims > 0]
+    assert len(leaking) >= 4
+    for layer in leaking:
+        assert layer.leakage_energy > 0
+        assert layer.leakage_energy == pytest.approx(measured[layer.name], rel=1e-2), layer.name
+        assert layer.output_energy > 0
+    assert report.total_leakage == pytest.approx(
+        sum(layer.leakage_energy for layer in report.layers) / sum(layer.output_energy for layer in report.layers)
+    )
+    assert "calibration leakage" in str(report)
+
+
+def test_exact_null_space_has_no_leaking_directions(tokenizer, stats):
+    config = GuardSpaceConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats)
+    model = get_peft_model(make_llama(tokenizer), config)
+    train_steps(model, tokenizer, BENIGN_TEXTS, steps=5, lr=1e-2)
+    report = guardspace_report(model)
+    exact = [layer for layer in report.layers if layer.leaking_dims == 0 and not layer.dead]
+    assert exact and all(layer.leakage_energy == 0.0 for layer in exact)
+    measured = measured_leakage(model, tokenizer, HARMFUL_PROMPTS)
+    assert all(measured[layer.name] < 1e-10 * layer.output_energy for layer in exact)
+
+
+@pytest.mark.slow
+def test_hard_bound_holds_at_every_adamw_step(tokenizer, stats):
+    bound = 1e-6
+    unbounded = train(tokenizer, stats)
+    train_steps(unbounded, tokenizer, BENIGN_TEXTS, steps=20, lr=1e-2, weight_decay=0.1)
+    assert guardspace_report(unbounded).max_leakage > 10 * bound  # the bound binds on this training
+
+    model = train(tokenizer, stats, max_calibration_leakage=bound)
+    losses = []
+    for step in range(20):
+        losses += train_steps(model, tokenizer, BENIGN_TEXTS, steps=1, lr=1e-2, weight_decay=0.1, seed=step)
+        report = guardspace_report(model)
+        assert report.max_leakage <= bound * (1 + 1e-3), (step, report.max_leakage)
+    measured = measured_leakage(model, tokenizer, HARMFUL_PROMPTS)
+    for layer in report.layers:
+        assert measured[layer.name] <= bound * layer.output_energy * 1.01 + 1e-12, layer.name
+    assert losses[-1] < 0.9 * losses[0]  # it still learns
+    # merging applies the same bounded update
+    texts = HARMFUL_PROMPTS + BENIGN_TEXTS
+    unmerged = logits_of(model, tokenizer, texts)
+    torch.testing.assert_close(logits_of(model.merge_and_unload(), tokenizer, texts), unmerged, rtol=0, atol=1e-4)
+
+
+def test_heldout_statistics_give_the_exact_output_change_on_other_inputs(tokenizer, stats):
+    model = train(tokenizer, stats)
+    train_steps(model, tokenizer, BENIGN_TEXTS, steps=5, lr=1e-2)
+    same = guardspace_report(model, heldout_statistics=stats)
+    for layer in same.layers:  # on the calibration statistics themselves the two figures agree
+        assert layer.heldout_leakage == pytest.approx(layer.leakage, rel=1e-3, abs=1e-12), layer.name
+    benign = collect_safety_statistics(
+        make_llama(tokenizer), tokenizer, BENIGN_TEXTS, LLAMA_TARGETS, show_progress=False
+    )
+    report = guardspace_report(model, heldout_statistics=benign)
+    measured = measured_leakage(model, tokenizer, BENIGN_TEXTS)
+    layers = guardspace_layers(model)
+    for layer in report.layers:
+        weight = layers[layer.name].base_layer.weight.double()
+        energy = float(((weight @ benign.covariance(layer.name)) * weight).sum())
+        assert layer.heldout_leakage * energy == pytest.approx(measured[layer.name], rel=1e-2), layer.name
+        assert layer.dead or layer.heldout_leakage > 100 * layer.leakage  # the update acts off the calibration span
+    assert "held-out" in str(report)
+
+
+def test_export_records_the_certificate(tokenizer, stats, tmp_path):
+    model = train(tokenizer, stats)
+    train_steps(model, tokenizer, BENIGN_TEXTS, steps=3, lr=1e-2)
+    export_to_lora(model, tmp_path)
+    with safe_open(tmp_path / "adapter_model.safetensors", framework="pt") as handle:
+        recorded = json.loads(handle.metadata()["peft_safety.calibration_leakage"])
+    report = guardspace_report(model)
+    assert recorded["total"] == pytest.approx(report.total_leakage)
+    assert recorded["layers"] == pytest.approx({layer.name: layer.leakage for layer in report.layers})
