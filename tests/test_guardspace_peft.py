@@ -312,7 +312,7 @@ def test_only_adapter_parameters_train(tokenizer, trained):
     assert names and all(".lora_A.default." in n or ".lora_B.default." in n for n in names)
     assert not any("lora_guard" in name for name, _ in model.named_parameters())
     buffers = [name for name, _ in model.named_buffers(remove_duplicate=False) if "lora_guard" in name]
-    assert len(buffers) == 14 * 8  # basis, input_scale, frozen_A, frozen_B, singular_values, leak_vectors/values, energy
+    assert len(buffers) == 14 * 8  # basis, input_scale, frozen A/B, singular values, leak vectors/values, energy
     expected = 0
     for module in model.modules():
         if isinstance(module, GuardSpaceLinear):
