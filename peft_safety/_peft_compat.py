@@ -4,7 +4,8 @@ Two pass-through wrappers are installed once, on ``import peft_safety``; both le
 exactly to PEFT:
 
 * ``LoraModel.inject_adapter``: for a ``GuardSpaceConfig``, validate against the model and prepare the
-  per-site projectors *before* PEFT modifies anything, and log the report after.
+  per-site projectors *before* PEFT modifies anything, and log the report after. A failure anywhere in between
+  leaves the config and the model as they were before the call.
 * ``PeftConfigMixin.from_peft_type``: a saved adapter with ``init_lora_weights="guardspace"`` is loaded as a
   ``GuardSpaceConfig`` (plain ``peft`` without ``peft_safety`` refuses it: "Unknown initialization").
 
@@ -13,7 +14,9 @@ GuardSpace layers reach PEFT through ``LoraConfig._register_custom_module``.
 
 from __future__ import annotations
 
+import copy
 import functools
+from typing import Any
 
 import peft
 from packaging.version import Version
@@ -60,17 +63,54 @@ def _wrap_inject_adapter(inject_adapter):
         config = self.peft_config[adapter_name]
         if not isinstance(config, GuardSpaceConfig):
             return inject_adapter(self, model, adapter_name, *args, **kwargs)
-        prepare_injection(config, model)
-        _upgrade_plain_lora_layers(model, config)
+        snapshot = _InjectionSnapshot(config, self, model)
         try:
+            prepare_injection(config, model)
+            _upgrade_plain_lora_layers(model, config)
             result = inject_adapter(self, model, adapter_name, *args, **kwargs)
+            finish_injection(config, model, adapter_name)
         except BaseException:
+            snapshot.restore()
             reset_injection_state(config)
             raise
-        finish_injection(config, model, adapter_name)
         return result
 
     return wrapper
+
+
+def _shallow_state(obj: object) -> dict[str, Any]:
+    """``vars(obj)`` with every dict / list / set value copied one level deep (the containers PEFT edits in place)."""
+    return {key: copy.copy(v) if isinstance(v, (dict, list, set)) else v for key, v in vars(obj).items()}
+
+
+class _InjectionSnapshot:
+    """The config and every module as they were before an injection, to undo a failed one completely.
+
+    A GuardSpace injection edits the config (``rank_pattern`` under ``rank_allocation="null_dim"``,
+    ``null_space_dims``, ``null_space_sites``, ``fan_in_fan_out``, PEFT's own ``target_modules`` rewrites), re-classes
+    layers holding plain LoRA adapters, adds adapters to existing layers and replaces target modules one by one: a
+    failure at the n-th layer would leave all of that behind. Each module keeps its class and a shallow copy of its
+    attributes (its ``_modules`` / ``_parameters`` / ``_buffers`` and PEFT's per-adapter dicts such as ``r`` and
+    ``scaling``), each parameter its ``requires_grad``; tensors are neither copied nor changed.
+    """
+
+    def __init__(self, config: Any, *roots: nn.Module) -> None:
+        self.config = config
+        self.config_state = _shallow_state(config)
+        modules = {id(module): module for root in roots for module in root.modules()}
+        self.modules = [(module, type(module), _shallow_state(module)) for module in modules.values()]
+        parameters = {id(p): p for root in roots for p in root.parameters()}
+        self.requires_grad = [(parameter, parameter.requires_grad) for parameter in parameters.values()]
+
+    def restore(self) -> None:
+        vars(self.config).clear()
+        vars(self.config).update(self.config_state)
+        for module, cls, state in self.modules:
+            module.__class__ = cls
+            vars(module).clear()
+            vars(module).update(state)
+        for parameter, requires_grad in self.requires_grad:
+            parameter.requires_grad_(requires_grad)
 
 
 def _upgrade_plain_lora_layers(model: nn.Module, config) -> None:

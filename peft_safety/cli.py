@@ -154,6 +154,10 @@ def _print(message: str) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
+    if args.exclude_bos:  # removed option: refuse it before loading anything
+        from .statistics import EXCLUDE_BOS_REASON
+
+        raise UsageError(f"--exclude-bos is no longer supported: {EXCLUDE_BOS_REASON}")
     _check_model_dir(args.model)
     prompts = load_prompts(args.prompts, args.column, args.limit)
     from .statistics import collect_safety_statistics
@@ -168,7 +172,6 @@ def cmd_stats(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_length=args.max_length,
         chat_template={"auto": None, "yes": True, "no": False}[args.chat_template],
-        exclude_bos=args.exclude_bos,
         normalization=args.normalization,
     )
     stats.save(args.output)
@@ -411,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "yes", "no"],
         help="wrap prompts in the tokenizer's chat template (auto: when it has one)",
     )
-    stats.add_argument("--exclude-bos", action="store_true", help="leave BOS tokens out of the covariances")
+    # removed option, kept hidden so that old command lines get the reason instead of "unrecognized arguments"
+    stats.add_argument("--exclude-bos", action="store_true", help=argparse.SUPPRESS)
     stats.add_argument("--normalization", default="none", choices=["none", "prompt_max"], help="per-prompt scaling")
     stats.add_argument("--output", required=True, help="statistics file to write (.safetensors)")
     stats.set_defaults(func=cmd_stats)

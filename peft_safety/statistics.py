@@ -5,10 +5,11 @@ gate/up another) the collector accumulates the uncentered second moment
 
     S = sum_t x_t x_t^T        (n x n, one per site, not per module)
 
-over the valid tokens ``t`` of all prompts (padding always excluded, BOS optionally). ``covariance`` returns
-``C = S / T`` with ``T`` the token count. Accumulation is in float64 by default: a float32 sum of ``T`` terms
-has a worst-case relative error of about ``T * 2**-24`` per entry (6e-3 at 1e5 tokens), which is larger than the
-1e-6 relative eigenvalue threshold GuardSpace applies, so float32 is offered for memory only.
+over the valid tokens ``t`` of all prompts: padding excluded, every other token (BOS included, see
+``EXCLUDE_BOS_REASON``) counted. ``covariance`` returns ``C = S / T`` with ``T`` the token count. Accumulation
+is in float64 by default: a float32 sum of ``T`` terms has a worst-case relative error of about ``T * 2**-24`` per
+entry (6e-3 at 1e5 tokens), which is larger than the 1e-6 relative eigenvalue threshold GuardSpace applies, so
+float32 is offered for memory only.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from ._targets import resolve_target_modules, weight_shape
 
 STATISTICS_FORMAT = "peft_safety.safety_statistics/1"
 Normalization = Literal["none", "prompt_max"]
+EXCLUDE_BOS_REASON = (
+    "statistics without the BOS token let the adapter change BOS's layer outputs, and attention carries that change "
+    "to every later position, so the guarantee is lost on all tokens of the calibration prompts, not only at BOS. "
+    "Keep BOS in the statistics (the default): its massive activations are part of the inputs the guarantee covers."
+)
 
 
 @dataclass
@@ -64,7 +70,15 @@ class SafetyStatistics:
         return [name for name, s in self.site_of.items() if s == site]
 
     def check_matches(self, model: nn.Module, module_names: Sequence[str]) -> None:
-        """Raise a ``ValueError`` unless these statistics cover ``module_names`` of ``model`` with matching shapes."""
+        """Raise a ``ValueError`` unless these statistics cover ``module_names`` of ``model`` with matching shapes.
+
+        Statistics saved by older versions with ``exclude_bos=True`` still load, but cannot create an adapter.
+        """
+        if self.metadata.get("exclude_bos"):
+            raise ValueError(
+                "These safety statistics were collected with `exclude_bos=True` (an option of earlier versions): "
+                f"{EXCLUDE_BOS_REASON} Collect them again."
+            )
         missing = [name for name in module_names if name not in self.site_of]
         if missing:
             raise ValueError(
@@ -133,10 +147,9 @@ class SafetyStatistics:
 
 
 def _tokenize(
-    tokenizer: Any, texts: list[str], max_length: int, chat_template: bool, exclude_bos: bool
+    tokenizer: Any, texts: list[str], max_length: int, chat_template: bool
 ) -> list[tuple[list[int], list[bool]]]:
-    """Token ids of each prompt and, per token, whether it enters the covariance."""
-    bos = getattr(tokenizer, "bos_token_id", None)
+    """Token ids of each prompt and, per token, whether it enters the covariance (every token does)."""
     encoded = []
     for text in texts:
         if chat_template:
@@ -147,8 +160,7 @@ def _tokenize(
         else:
             ids = tokenizer(text)["input_ids"]
         ids = list(ids[:max_length])
-        counted = [not (exclude_bos and bos is not None and tok == bos) for tok in ids]
-        encoded.append((ids, counted))
+        encoded.append((ids, [True] * len(ids)))
     empty = [i for i, (_, counted) in enumerate(encoded) if not any(counted)]
     if empty:
         raise ValueError(
@@ -214,8 +226,8 @@ def collect_safety_statistics(
         chat_template: wrap each prompt as a user turn with the tokenizer's chat template. ``None`` (default):
             when the tokenizer has one, as :func:`~peft_safety.evaluation.harmful_score` does; the covariance
             should describe the inputs the model sees at inference.
-        exclude_bos: leave BOS tokens out of the covariance (they carry "massive activations"); the calibration
-            guarantee then no longer covers the BOS position.
+        exclude_bos: deprecated, must stay ``False``. ``True`` raises a ``ValueError``: without BOS in the
+            covariance the adapter may change BOS's outputs, and through attention every later position's.
         normalization: ``"none"`` or ``"prompt_max"`` (the paper's code: divide each prompt's inputs by their
             largest absolute entry before accumulating).
         accumulate_dtype: ``torch.float64`` (default) or ``torch.float32`` (see module docstring for the bound).
@@ -225,12 +237,14 @@ def collect_safety_statistics(
     Under ``torch.distributed`` the prompts are sharded across ranks and the sums and counts all-reduced, so every
     rank returns identical statistics.
     """
+    if exclude_bos:
+        raise ValueError(f"`exclude_bos=True` is no longer supported: {EXCLUDE_BOS_REASON}")
     texts = prompt_texts(prompts, text_column, "GuardSpace needs harmful calibration prompts (e.g. AdvBench).")
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"`batch_size` and `max_length` must be positive, got {batch_size} and {max_length}.")
     module_names = resolve_target_modules(model, target_modules)
     chat_template = uses_chat_template(tokenizer, chat_template)
-    encoded = _tokenize(tokenizer, texts, max_length, chat_template, exclude_bos)
+    encoded = _tokenize(tokenizer, texts, max_length, chat_template)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if len(encoded) < world:
@@ -307,7 +321,7 @@ def collect_safety_statistics(
         "module_shapes": {name: list(weight_shape(modules[name])) for name in module_names},
         "prompts_sha256": hashlib.sha256("\x1e".join(texts).encode()).hexdigest(),
         "normalization": normalization,
-        "exclude_bos": exclude_bos,
+        "exclude_bos": False,  # kept for readers of older files, where it could be True
         "chat_template": chat_template,
         "max_length": max_length,
         "accumulate_dtype": str(accumulate_dtype).removeprefix("torch."),

@@ -149,6 +149,10 @@ def test_user_mistakes_give_one_line_and_exit_code_2(work, capsys):
         (["stats", "--model", str(work / "guard"), "--prompts", harmful, "--output", "x"], "is a PEFT adapter folder"),
         (["stats", "--model", model, "--prompts", harmful, "--batch-size", "0", "--output", "x"], "must be positive"),
         (["stats", "--model", model, "--prompts", harmful, "--target-modules", "nope", "--output", "x"], "matched no"),
+        (
+            ["stats", "--model", model, "--prompts", harmful, "--exclude-bos", "--output", "x"],
+            "--exclude-bos is no longer supported",
+        ),
         (["eval", "--model", model, "--output", "x"], "nothing to evaluate"),
         (
             ["eval", "--model", model, "--task", str(work / "task.jsonl"), "--match", "label", "--output", "x"],

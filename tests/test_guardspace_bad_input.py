@@ -56,12 +56,22 @@ def test_empty_prompt_list(model, tokenizer):
         GuardSpaceConfig.from_prompts(model, tokenizer, [], r=4, target_modules=LLAMA_TARGETS)
 
 
-@pytest.mark.parametrize(
-    "prompts, kwargs", [(["", "   "], {}), (HARMFUL_PROMPTS + ["\n"], {}), (["<s>"], {"exclude_bos": True})]
-)
-def test_prompts_that_tokenise_to_nothing(model, tokenizer, prompts, kwargs):
+@pytest.mark.parametrize("prompts", [["", "   "], HARMFUL_PROMPTS + ["\n"]])
+def test_prompts_that_tokenise_to_nothing(model, tokenizer, prompts):
     with untouched(model), pytest.raises(ValueError, match="tokenise to no usable token"):
-        collect(model, tokenizer, prompts, **kwargs)
+        collect(model, tokenizer, prompts)
+
+
+def test_statistics_saved_without_bos_load_but_cannot_create_an_adapter(model, stats, tmp_path):
+    """Files of earlier versions collected with ``exclude_bos=True`` stay readable; an adapter built on them would
+    not keep the guarantee at any position, so creating one fails before the model is touched."""
+    metadata = {**stats.metadata, "exclude_bos": True}
+    old = SafetyStatistics(stats.covariance_sums, stats.site_of, stats.num_tokens, stats.num_prompts, metadata)
+    old.save(tmp_path / "old.safetensors")
+    loaded = SafetyStatistics.load(tmp_path / "old.safetensors")
+    assert loaded.metadata["exclude_bos"] is True and loaded.fingerprint() == stats.fingerprint()
+    with untouched(model), pytest.raises(ValueError, match="collected with `exclude_bos=True`.*every later position"):
+        get_peft_model(model, guard_config(str(tmp_path / "old.safetensors")))
 
 
 def test_collection_checks_target_modules(model, tokenizer):

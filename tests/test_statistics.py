@@ -83,18 +83,19 @@ def test_padded_batches_equal_batch_size_one(model, tokenizer, stats):
         )
 
 
-def test_exclude_bos_removes_exactly_the_bos_rows(model, tokenizer):
+def test_bos_rows_are_counted_and_exclude_bos_is_refused(model, tokenizer):
+    """BOS enters the covariance: leaving it out would let the adapter change BOS's outputs and, through attention,
+    every later position. ``exclude_bos=True`` is refused; new files record ``exclude_bos: False``."""
     prompts = ["<s> " + p for p in PROMPTS]
     assert all(tokenizer(p)["input_ids"][0] == tokenizer.bos_token_id for p in prompts)
-    with_bos = collect(model, tokenizer, prompts, batch_size=4)
-    without_bos = collect(model, tokenizer, prompts, batch_size=4, exclude_bos=True)
-    assert with_bos.num_tokens - without_bos.num_tokens == len(prompts)
-    assert without_bos.metadata["exclude_bos"] is True
+    with pytest.raises(ValueError, match="every later position"):
+        collect(model, tokenizer, prompts, batch_size=4, exclude_bos=True)
+    with_bos = collect(model, tokenizer, prompts, batch_size=4, exclude_bos=False)
+    assert with_bos.num_tokens == sum(len(tokenizer(p)["input_ids"]) for p in prompts)
+    assert with_bos.metadata["exclude_bos"] is False
     name = "model.layers.1.self_attn.q_proj"
-    bos_rows = torch.stack([x[0] for x in reference_inputs(model, tokenizer, prompts, name)])
-    torch.testing.assert_close(
-        with_bos.covariance_sums[name] - without_bos.covariance_sums[name], bos_rows.T @ bos_rows, rtol=1e-5, atol=1e-5
-    )
+    rows = torch.cat(reference_inputs(model, tokenizer, prompts, name))
+    torch.testing.assert_close(with_bos.covariance_sums[name], rows.T @ rows, rtol=1e-5, atol=1e-5)
 
 
 def test_prompt_max_normalisation(model, tokenizer):

@@ -12,11 +12,13 @@ call in ``O(r n k)``, then applied to tokens at the cost of plain LoRA. The effe
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import layer as lora_layer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import transpose
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -227,7 +229,30 @@ class GuardSpaceLinear(GuardSpaceLayerMixin, lora_layer.Linear):
     """``lora.Linear`` (``nn.Linear`` and GPT-2 ``Conv1D`` bases) that can also hold GuardSpace adapters."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
-        if isinstance(base_layer, Conv1D) or kwargs.get("is_target_conv_1d_layer"):
-            kwargs["is_target_conv_1d_layer"] = True
-            config.fan_in_fan_out = True  # what peft's own dispatcher does for GPT-2's Conv1D
+        _set_fan_in_fan_out(base_layer, config, kwargs)
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
+
+
+def _set_fan_in_fan_out(base_layer: nn.Module, config, kwargs: dict[str, Any]) -> None:
+    """Set ``config.fan_in_fan_out`` for this layer as PEFT's ``dispatch_default`` does, with PEFT's warnings.
+
+    ``lora.Linear`` reads the flag from the config it is built with, and one config builds every layer: a GPT-2
+    ``Conv1D`` sets it ``True``, so the next ``nn.Linear`` (e.g. an untied ``lm_head``) must set it back to ``False``,
+    or it would read its ``(out, in)`` weight transposed (init from ``W^T``, merge adding ``dW^T``).
+    """
+    base = base_layer.get_base_layer() if isinstance(base_layer, BaseTunerLayer) else base_layer
+    if isinstance(base, Conv1D) or kwargs.get("is_target_conv_1d_layer"):
+        kwargs["is_target_conv_1d_layer"] = True
+        if not config.fan_in_fan_out:
+            warnings.warn(
+                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.",
+                stacklevel=4,
+            )
+            config.fan_in_fan_out = True
+    elif isinstance(base, nn.Linear) and config.fan_in_fan_out:
+        warnings.warn(
+            "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+            "Setting fan_in_fan_out to False.",
+            stacklevel=4,
+        )
+        config.fan_in_fan_out = False
