@@ -15,19 +15,17 @@ from peft_safety.somf.sites import AdapterFactors
 FLOOR = 1e-5  # float32 rounding of logits of size O(1)
 
 
-@pytest.fixture(scope="module")
-def guarded(tokenizer):
-    """Two GuardSpace adapters ``g`` and ``h`` (same statistics, default options) trained 10 AdamW steps each on
-    different texts, a plain LoRA adapter ``p``; the base logits on the calibration prompts and on benign texts."""
+def build(tokenizer, balance_factors: bool):
+    """Two GuardSpace adapters ``g`` and ``h`` (same statistics, exact null space) trained 10 AdamW steps each on
+    different texts, a plain LoRA adapter ``p``; the base logits on the calibration prompts and on benign texts, and
+    each adapter's own calibration-logit drift."""
     stats = collect_safety_statistics(
         make_llama(tokenizer), tokenizer, HARMFUL_PROMPTS, LLAMA_TARGETS, show_progress=False
     )
-    # The exact null space (as in test_guardspace_guarantee.py), so the inputs' own drift is float rounding. Balanced
-    # factors: the paper's unbalanced A0 reaches norms ~1e3 here, and factor arithmetic (the cross terms of a linear
-    # merge) then amplifies the float32 rounding of ``A' P x`` ~100x (8e-3 vs 5e-5), exact in real arithmetic.
+    # The exact null space (as in test_guardspace_guarantee.py), so the inputs' own drift is float rounding.
     config = GuardSpaceConfig(
         r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats, null_space_threshold=1e-10,
-        balance_factors=True,
+        balance_factors=balance_factors,
     )  # fmt: skip
     peft_model = get_peft_model(make_llama(tokenizer), config, adapter_name="g")
     train_steps(peft_model, tokenizer, BENIGN_TEXTS, steps=10, lr=5e-3, seed=0)
@@ -42,6 +40,19 @@ def guarded(tokenizer):
     reference = logits_of(base, tokenizer, HARMFUL_PROMPTS), logits_of(base, tokenizer, BENIGN_TEXTS)
     drifts = {adapter: drift(peft_model, tokenizer, adapter, reference[0]) for adapter in ("g", "h", "p")}
     return peft_model, reference, drifts
+
+
+@pytest.fixture(scope="module")
+def guarded(tokenizer):
+    """Balanced factors: the paper's unbalanced ``A0`` reaches norms ~1e3 on this model, and the cross terms of a
+    linear (or DARE) merge then amplify the float32 rounding of ``A' P x`` ~100x (8e-3 vs the inputs' 5e-5), although
+    exact in real arithmetic; ``unbalanced`` checks the merges that stay at rounding with the paper's factors."""
+    return build(tokenizer, balance_factors=True)
+
+
+@pytest.fixture(scope="module")
+def unbalanced(tokenizer):
+    return build(tokenizer, balance_factors=False)
 
 
 def drift(peft_model, tokenizer, adapter: str, reference: torch.Tensor, texts: list[str] = HARMFUL_PROMPTS) -> float:
@@ -79,6 +90,24 @@ def test_merged_guardspace_adapters_keep_the_calibration_logits(
         merged = drift(peft_model, tokenizer, "merged", calibration)
         assert merged <= 10 * inputs + FLOOR, (merged, inputs)
         assert drift(peft_model, tokenizer, "merged", benign, BENIGN_TEXTS) > 1e-3  # it still adapts off the span
+    finally:
+        peft_model.delete_adapter("merged")
+
+
+@pytest.mark.parametrize("adapters, combination_type, density", [(["g"], "linear", None), (["g", "h"], "ties", 0.5)])
+def test_merges_with_the_paper_s_factors_keep_the_calibration_logits(
+    tokenizer, unbalanced, adapters, combination_type, density
+):
+    peft_model, (calibration, _), drifts = unbalanced
+    config = SOMFConfig(progress_bar=False, max_steps=3, learning_rate=0.5)
+    peft_model.merge_with_safety_mask(
+        adapters=adapters, weights=[1.0] * len(adapters), adapter_name="merged", safety_data=pairs(TRAIN_HARMFUL),
+        tokenizer=tokenizer, combination_type=combination_type, density=density, config=config,
+    )  # fmt: skip
+    try:
+        inputs = max(drifts[adapter] for adapter in adapters)
+        merged = drift(peft_model, tokenizer, "merged", calibration)
+        assert merged <= 10 * inputs + FLOOR, (merged, inputs)
     finally:
         peft_model.delete_adapter("merged")
 
