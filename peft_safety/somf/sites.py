@@ -9,11 +9,14 @@ from ``A'`` (masked, pruned, rescaled) by ``P`` again, so the fused adapter keep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..guardspace.layer import GuardState
 
 
 @dataclass
@@ -23,7 +26,7 @@ class AdapterFactors:
     lora_A: torch.Tensor  # (r, n)
     lora_B: torch.Tensor  # (m, r)
     scaling: float
-    guard: Any = None  # the GuardSpace adapter's ``GuardState`` (its projector ``P``), ``None`` for plain LoRA
+    guard: GuardState | None = None  # a GuardSpace adapter's state (its projector ``P``); ``None``: plain LoRA
 
     @property
     def guarded(self) -> bool:
