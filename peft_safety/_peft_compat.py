@@ -1,13 +1,18 @@
 """Every use of PEFT's private API, in one place (pinned to ``peft>=0.21,<0.22``).
 
-Two pass-through wrappers are installed once, on ``import peft_safety``; both leave every non-GuardSpace config
-exactly to PEFT:
+Three pass-through wrappers are installed once, on ``import peft_safety``; each leaves every non-GuardSpace
+config exactly to PEFT:
 
 * ``LoraModel.inject_adapter``: for a ``GuardSpaceConfig``, validate against the model and prepare the
   per-site projectors *before* PEFT modifies anything, and log the report after. A failure anywhere in between
   leaves the config and the model as they were before the call.
 * ``PeftConfigMixin.from_peft_type``: a saved adapter with ``init_lora_weights="guardspace"`` is loaded as a
   ``GuardSpaceConfig`` (plain ``peft`` without ``peft_safety`` refuses it: "Unknown initialization").
+* ``LoraModel.add_weighted_adapter``: PEFT reads ``lora_A``/``lora_B`` directly and would ignore a GuardSpace
+  adapter's projector and frozen offset (a wrong adapter, NaN after save/reload). When a named adapter is a
+  GuardSpace adapter, the merge goes through SOMF's unmasked merge of the exact exported factors (re-projected, see
+  :mod:`peft_safety.somf.fusion`) for the combinations SOMF implements, and the SVD ones are refused before the
+  model is touched.
 
 GuardSpace layers reach PEFT through ``LoraConfig._register_custom_module``.
 """
@@ -141,6 +146,60 @@ def _upgrade_plain_lora_layers(model: nn.Module, config) -> None:
         module.__class__ = upgrades[type(module)]
 
 
+def _wrap_add_weighted_adapter(add_weighted_adapter):
+    @functools.wraps(add_weighted_adapter)
+    def wrapper(self, adapters: list[str], weights: list[float], adapter_name: str, *args, **kwargs):
+        from .guardspace.config import GuardSpaceConfig
+
+        guarded = [
+            name for name in adapters if isinstance(getattr(self, "peft_config", {}).get(name), GuardSpaceConfig)
+        ]
+        if not guarded:
+            return add_weighted_adapter(self, adapters, weights, adapter_name, *args, **kwargs)
+        return _add_weighted_guardspace_adapter(self, list(adapters), weights, adapter_name, guarded, *args, **kwargs)
+
+    return wrapper
+
+
+def _add_weighted_guardspace_adapter(
+    lora_model: LoraModel,
+    adapters: list[str],
+    weights: list[float],
+    adapter_name: str,
+    guarded: list[str],
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+    svd_driver: str | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+) -> None:
+    """``add_weighted_adapter`` for a merge naming GuardSpace adapters: SOMF's unmasked merge of their exact rank-2r
+    export (``A' = [A P; -A0 P]``, ``B' = [B, B0]``), every part formed from ``A'`` re-projected by ``P``; for plain
+    LoRA adapters it equals PEFT's ``add_weighted_adapter``. Raises ``ValueError`` (model untouched) otherwise."""
+    from .somf.combinations import COMBINATIONS
+    from .somf.merger import SOMFMerger
+
+    if combination_type not in COMBINATIONS:
+        raise ValueError(
+            f"add_weighted_adapter(combination_type={combination_type!r}) cannot merge the GuardSpace adapter(s) "
+            f"{guarded}: PEFT's {combination_type!r} merge ignores their null-space projector and frozen offset. "
+            f"Use one of {sorted(COMBINATIONS)} (merged exactly through the GuardSpace export), or export first with "
+            "peft_safety.export_to_lora(peft_model, path, adapter_name) and load that as a plain LoRA adapter, or "
+            "use peft_model.merge_with_safety_mask(...), which handles GuardSpace adapters exactly."
+        )
+    SOMFMerger().merge(
+        lora_model,
+        adapters,
+        weights,
+        adapter_name,
+        combination_type=combination_type,
+        density=density,
+        majority_sign_method=majority_sign_method,
+    )
+
+
 def _wrap_from_peft_type(from_peft_type):
     @functools.wraps(from_peft_type)
     def wrapper(cls, **kwargs):
@@ -179,5 +238,6 @@ def install() -> None:
     if getattr(LoraModel, _INSTALLED_FLAG, False):
         return
     LoraModel.inject_adapter = _wrap_inject_adapter(LoraModel.inject_adapter)
+    LoraModel.add_weighted_adapter = _wrap_add_weighted_adapter(LoraModel.add_weighted_adapter)
     PeftConfigMixin.from_peft_type = _wrap_from_peft_type(PeftConfigMixin.from_peft_type.__func__)
     setattr(LoraModel, _INSTALLED_FLAG, True)

@@ -38,6 +38,15 @@ class Combination:
     needs_density: ClassVar[bool] = False
     equal_ranks: ClassVar[bool] = True
     random: ClassVar[bool] = False
+    #: entrywise selection before the weighted sum (``"magnitude"`` top-k or ``"random"`` DARE drops), or ``None``
+    prune_method: ClassVar[str | None] = None
+    #: TIES sign election and disjoint mean after the selection
+    elect_sign: ClassVar[bool] = False
+
+    @property
+    def selective(self) -> bool:
+        """Whether the method picks entries of the task tensors (top-k, DARE drops, sign election)."""
+        return self.prune_method is not None or self.elect_sign
 
     def side_weights(self, weights: list[float], scalings: list[float], side: Side) -> torch.Tensor:
         """``(k,)`` weights applied to the task tensors of ``side`` (``add_weighted_adapter``'s convention)."""
@@ -53,6 +62,39 @@ class Combination:
     ) -> torch.Tensor:
         """Fuse ``tasks`` (``k`` tensors) into one tensor of the fused adapter's shape."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def coefficients(
+        self, tasks: list[torch.Tensor], weights: torch.Tensor, density: float | None, majority: str
+    ) -> list[torch.Tensor]:
+        """Entrywise coefficients ``c_i`` (each of the shape of ``T_i``) with ``combine(tasks) = sum_i c_i * T_i``.
+
+        For a selective method the merge is linear in the task tensors once its discrete choices (top-k, DARE drops,
+        sign election) are fixed; ``c_i`` holds those choices, the weight and the disjoint-mean divisor, so a merge
+        can be formed from per-adapter parts ``c_i * T_i`` (each then projected on its own, see
+        :mod:`~peft_safety.somf.fusion`). Draws the same DARE drops as :meth:`combine` under the same RNG state.
+        """
+        weights = weights.to(tasks[0])
+        keeps = [self._keep(task, density) for task in tasks]
+        coefficients = [keep * weight for keep, weight in zip(keeps, weights.tolist(), strict=True)]
+        if self.elect_sign:
+            signs = merge_utils.calculate_majority_sign_mask(
+                torch.stack([task * keep for task, keep in zip(tasks, keeps, strict=True)]), method=majority
+            ).to(tasks[0].dtype)
+            count = signs.sum(dim=0).clamp(min=1.0)
+            coefficients = [coefficient * sign / count for coefficient, sign in zip(coefficients, signs, strict=True)]
+        return coefficients
+
+    def _keep(self, task: torch.Tensor, density: float | None) -> torch.Tensor:
+        """Multiplier of the entries of ``task`` kept by ``merge_utils.prune`` (``0``/``1``, or ``0``/``1/density``
+        for DARE)."""
+        if self.prune_method is None or density is None or density >= 1:
+            return torch.ones_like(task)
+        if self.prune_method == "random":
+            return torch.bernoulli(torch.full_like(task, density)) / density
+        keep = torch.zeros_like(task).reshape(-1)
+        keep[torch.topk(task.abs().reshape(-1), k=int(density * task.numel()), largest=True)[1]] = 1
+        return keep.reshape(task.shape)
 
 
 @register_combination
@@ -71,6 +113,8 @@ class Ties(Combination):
 
     name = "ties"
     needs_density = True
+    prune_method = "magnitude"
+    elect_sign = True
 
     def combine(self, tasks, weights, density, side, majority):
         return merge_utils.ties(tasks, weights.to(tasks[0]), density, majority)
@@ -83,6 +127,7 @@ class DareLinear(Combination):
     name = "dare_linear"
     needs_density = True
     random = True
+    prune_method = "random"
 
     def combine(self, tasks, weights, density, side, majority):
         return merge_utils.dare_linear(tasks, weights.to(tasks[0]), density)
@@ -95,6 +140,8 @@ class DareTies(Combination):
     name = "dare_ties"
     needs_density = True
     random = True
+    prune_method = "random"
+    elect_sign = True
 
     def combine(self, tasks, weights, density, side, majority):
         return merge_utils.dare_ties(tasks, weights.to(tasks[0]), density, majority)
@@ -106,6 +153,7 @@ class MagnitudePrune(Combination):
 
     name = "magnitude_prune"
     needs_density = True
+    prune_method = "magnitude"
 
     def combine(self, tasks, weights, density, side, majority):
         return merge_utils.magnitude_prune(tasks, weights.to(tasks[0]), density)

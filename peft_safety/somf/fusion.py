@@ -11,6 +11,20 @@ scaling 1 are
 where ``Merge`` weighs ``lora_A`` by ``sign(w_i s_i) sqrt|w_i s_i|`` and ``lora_B`` by ``sqrt|w_i s_i|``. Without a
 reference this is exactly ``add_weighted_adapter`` applied to masked adapters; with ``m = 1`` it is the unmasked
 merge. A reverted entry (``m = 0``) falls back to the reference (or to zero, i.e. the aligned base).
+
+GuardSpace adapters (and a GuardSpace reference) enter with their exported factors ``A' = [A P; -A0 P]``, whose
+rows lie in the null space of the adapter's calibration activations. Masking, rescaling, pruning or DARE drops
+entry by entry take rows out of it, so on the ``lora_A`` side every part of the merge that comes from a GuardSpace
+adapter's ``A'`` is right-multiplied by that adapter's projector ``P`` again (``O(r n k)``, via the stored basis),
+in the relaxed training forward and in the deployed merge alike:
+
+    linear / cat:   tau~_i^A = (m * A'_i) P_i / mean(m)  (minus ``sqrt(s_ref / s_i) (m * A_ref) P_ref`` with a
+                    reference; ``P = I`` for plain LoRA), then ``Merge_A`` as above;
+    ties, dare_*, magnitude_prune:   Merge_A = sum_i (c_i * tau~_i^A) P_i, ``c_i`` the method's entrywise choices
+                    (:meth:`~peft_safety.somf.combinations.Combination.coefficients`).
+
+Every fused term ``B_j (A'_i P_i)`` then vanishes on adapter ``i``'s calibration span, whatever the mask. A merge
+of plain LoRA adapters only takes none of these steps.
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from .combinations import Combination
 from .masks import mask_key
 from .relaxed import concrete_masked
-from .sites import Site
+from .sites import AdapterFactors, Site
 
 MODES = ("relaxed", "unmasked", "deployed")
 
@@ -118,6 +132,9 @@ class MaskedFusion:
         ref = site.factors.get(self.reference) if self.reference else None
         fused = []
         for side_index, side in enumerate(("A", "B")):
+            if side == "A" and any(factors.guarded for factors in site.factors.values()):
+                fused.append(self._fused_guarded_A(site, site_index, ref, mode, noise_seed))
+                continue
             if self.combination.name == "linear" and (self.shared or mode == "unmasked"):
                 fused.append(self._fused_linear(site, side, ref, mode, noise_seed))
                 continue
@@ -141,6 +158,49 @@ class MaskedFusion:
                 merged = merged + ref.scaling**0.5 * getattr(ref, f"lora_{side}")
             fused.append(merged)
         return fused[0], fused[1]
+
+    def _fused_guarded_A(self, site: Site, site_index: int, ref, mode: str, noise_seed: int) -> torch.Tensor:
+        """Fused ``lora_A`` (scaling 1; ``(r, n)``, ``(sum r_i, n)`` for cat) at a site holding a GuardSpace adapter
+        (or reference): each adapter's masked ``A'`` (and masked reference part) right-multiplied by its own
+        projector, after the masking and, for selective methods, after the method's entry choices."""
+        scalings = [site.factors[adapter].scaling for adapter in self.adapters]
+        weights = self.combination.side_weights(self.weights, scalings, "A")
+        parts: list[list[tuple[torch.Tensor, float, AdapterFactors]]] = []  # per adapter: (masked, coefficient, owner)
+        for adapter in self.adapters:
+            factors = site.factors[adapter]
+            key = mask_key(site.name, "A", None if self.shared else adapter)
+            terms = [(self._apply_mask(factors.lora_A, key, mode, noise_seed), 1.0, factors)]
+            if ref is not None:  # the same key and seed draw the same mask sample for the reference part
+                masked_ref = self._apply_mask(ref.lora_A, key, mode, noise_seed)
+                terms.append((masked_ref, -((ref.scaling / factors.scaling) ** 0.5), ref))
+            parts.append(terms)
+        if not self.combination.selective:  # linear in each task tensor: project the masked parts, then combine
+            tasks = [sum(scale * owner.project(masked) for masked, scale, owner in terms) for terms in parts]
+            merged = self._combine(tasks, weights, site_index, 0, noise_seed, "A")
+        else:  # pick entries on the masked tasks, then project each adapter's picked part
+            with torch.no_grad():
+                tasks = [sum(scale * masked for masked, scale, _ in terms) for terms in parts]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(noise_seed * 100_003 + 2 * site_index)
+                coefficients = self.combination.coefficients(tasks, weights, self.density, self.majority)
+            merged = sum(
+                scale * owner.project(coefficient * masked)
+                for terms, coefficient in zip(parts, coefficients, strict=True)
+                for masked, scale, owner in terms
+            )
+        if ref is not None:
+            merged = merged + ref.scaling**0.5 * ref.lora_A
+        return merged
+
+    def _combine(
+        self, tasks: list[torch.Tensor], weights: torch.Tensor, site_index: int, side_index: int, noise_seed: int, side
+    ) -> torch.Tensor:
+        """``combination.combine`` with the DARE drops seeded from ``(noise_seed, site, side)``."""
+        if not self.combination.random:
+            return self.combination.combine(tasks, weights, self.density, side, self.majority)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(noise_seed * 100_003 + 2 * site_index + side_index)
+            return self.combination.combine(tasks, weights, self.density, side, self.majority)
 
     @staticmethod
     def _task_vector(site: Site, adapter: str, side: str, ref) -> torch.Tensor:

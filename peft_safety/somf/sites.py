@@ -2,16 +2,21 @@
 
 A plain LoRA adapter contributes ``(A, B, s)``: ``A`` ``(r, n)``, ``B`` ``(m, r)``, scaling ``s``; its update is
 ``s B A``. A GuardSpace adapter contributes its exact vanilla export ``(A', B', s)`` of rank ``2r``
-(``A' = [A P; -A0 P]``, ``B' = [B, B0]``), so its null-space projector is honoured in the fused adapter.
+(``A' = [A P; -A0 P]``, ``B' = [B, B0]``) and its projector ``P``: the fusion right-multiplies whatever it forms
+from ``A'`` (masked, pruned, rescaled) by ``P`` again, so the fused adapter keeps ``A'``'s null-space guarantee.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..guardspace.layer import GuardState
 
 
 @dataclass
@@ -21,6 +26,16 @@ class AdapterFactors:
     lora_A: torch.Tensor  # (r, n)
     lora_B: torch.Tensor  # (m, r)
     scaling: float
+    guard: GuardState | None = None  # a GuardSpace adapter's state (its projector ``P``); ``None``: plain LoRA
+
+    @property
+    def guarded(self) -> bool:
+        return self.guard is not None
+
+    def project(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``matrix @ P`` for a ``(rows, n)`` matrix in ``O(rows n k)`` (``matrix`` itself for plain LoRA);
+        differentiable, so mask gradients flow through it."""
+        return matrix if self.guard is None else self.guard.project(matrix)
 
 
 @dataclass
@@ -35,13 +50,16 @@ class Site:
 def adapter_factors(layer: LoraLayer, adapter: str) -> AdapterFactors:
     """The (exported, for GuardSpace) factors of ``adapter`` in ``layer``."""
     guard = getattr(layer, "lora_guard", None)
+    state = None
     if guard is not None and adapter in guard:
         from ..guardspace.export import lora_factors
 
         lora_A, lora_B = lora_factors(layer, adapter)
+        state = guard[adapter]
     else:
         lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    return AdapterFactors(lora_A.detach().float(), lora_B.detach().float(), float(layer.scaling[adapter]))
+    scaling = float(layer.scaling[adapter])
+    return AdapterFactors(lora_A.detach().float(), lora_B.detach().float(), scaling, state)
 
 
 def find_sites(model: nn.Module, adapters: list[str]) -> tuple[list[Site], dict[str, list[str]]]:
