@@ -18,14 +18,13 @@ TEXTS = HARMFUL_PROMPTS + BENIGN_TEXTS
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    """GuardSpace adapters ``default`` and ``g2`` (same statistics, exact null space, balanced factors) and a plain
+    """GuardSpace adapters ``default`` and ``g2`` (same statistics, default options) and a plain
     LoRA adapter ``y``, each trained 10 AdamW steps; base logits on the calibration prompts."""
     stats = collect_safety_statistics(
         make_llama(tokenizer), tokenizer, HARMFUL_PROMPTS, LLAMA_TARGETS, show_progress=False
     )
     config = GuardSpaceConfig(
-        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats, null_space_threshold=1e-10,
-        balance_factors=True,
+        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats,
     )  # fmt: skip
     peft_model = get_peft_model(make_llama(tokenizer), config)
     train_steps(peft_model, tokenizer, BENIGN_TEXTS, steps=10, lr=5e-3)

@@ -15,18 +15,14 @@ from peft_safety.somf.sites import AdapterFactors
 FLOOR = 1e-5  # float32 rounding of logits of size O(1)
 
 
-def build(tokenizer, balance_factors: bool):
+def build(tokenizer, **options):
     """Two GuardSpace adapters ``g`` and ``h`` (same statistics, exact null space) trained 10 AdamW steps each on
     different texts, a plain LoRA adapter ``p``; the base logits on the calibration prompts and on benign texts, and
     each adapter's own calibration-logit drift."""
     stats = collect_safety_statistics(
         make_llama(tokenizer), tokenizer, HARMFUL_PROMPTS, LLAMA_TARGETS, show_progress=False
     )
-    # The exact null space (as in test_guardspace_guarantee.py), so the inputs' own drift is float rounding.
-    config = GuardSpaceConfig(
-        r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats, null_space_threshold=1e-10,
-        balance_factors=balance_factors,
-    )  # fmt: skip
+    config = GuardSpaceConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats, **options)
     peft_model = get_peft_model(make_llama(tokenizer), config, adapter_name="g")
     train_steps(peft_model, tokenizer, BENIGN_TEXTS, steps=10, lr=5e-3, seed=0)
     peft_model.add_adapter("h", config)
@@ -44,15 +40,16 @@ def build(tokenizer, balance_factors: bool):
 
 @pytest.fixture(scope="module")
 def guarded(tokenizer):
-    """Balanced factors: the paper's unbalanced ``A0`` reaches norms ~1e3 on this model, and the cross terms of a
-    linear (or DARE) merge then amplify the float32 rounding of ``A' P x`` ~100x (8e-3 vs the inputs' 5e-5), although
-    exact in real arithmetic; ``unbalanced`` checks the merges that stay at rounding with the paper's factors."""
-    return build(tokenizer, balance_factors=True)
+    """GuardSpace's default options."""
+    return build(tokenizer)
 
 
 @pytest.fixture(scope="module")
 def unbalanced(tokenizer):
-    return build(tokenizer, balance_factors=False)
+    """The paper's factors on the exact null space: ``A0`` reaches norms ~1e3 on this model, and the cross terms of a
+    linear (or DARE) merge then amplify the float32 rounding of ``A' P x`` ~100x, although exact in real arithmetic;
+    the merges checked with them are those that stay at rounding."""
+    return build(tokenizer, factor_scale="paper", null_space_threshold=1e-10)
 
 
 def drift(peft_model, tokenizer, adapter: str, reference: torch.Tensor, texts: list[str] = HARMFUL_PROMPTS) -> float:
