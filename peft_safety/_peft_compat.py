@@ -1,6 +1,6 @@
 """Every use of PEFT's private API, in one place (pinned to ``peft>=0.21,<0.22``).
 
-Three pass-through wrappers are installed once, on ``import peft_safety``; each leaves every non-GuardSpace
+Four pass-through wrappers are installed once, on ``import peft_safety``; each leaves every non-GuardSpace
 config exactly to PEFT:
 
 * ``LoraModel.inject_adapter``: for a ``GuardSpaceConfig``, validate against the model and prepare the
@@ -13,6 +13,8 @@ config exactly to PEFT:
   GuardSpace adapter, the merge goes through SOMF's unmasked merge of the exact exported factors (re-projected, see
   :mod:`peft_safety.somf.fusion`) for the combinations SOMF implements, and the SVD ones are refused before the
   model is touched.
+* ``PeftModel.save_pretrained``: records each saved GuardSpace adapter's leakage certificate in its config
+  (``calibration_leakage`` in ``adapter_config.json``).
 
 GuardSpace layers reach PEFT through ``LoraConfig._register_custom_module``.
 """
@@ -25,6 +27,7 @@ from typing import Any
 
 import peft
 from packaging.version import Version
+from peft import PeftModel
 from peft.config import PeftConfigMixin
 from peft.tuners.lora import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -216,6 +219,25 @@ def _wrap_from_peft_type(from_peft_type):
     return classmethod(wrapper)
 
 
+def _wrap_save_pretrained(save_pretrained):
+    @functools.wraps(save_pretrained)
+    def wrapper(self, save_directory, *args, selected_adapters=None, **kwargs):
+        from .guardspace.config import GuardSpaceConfig
+        from .guardspace.report import guardspace_report
+
+        for name in selected_adapters or list(self.peft_config):
+            config = self.peft_config.get(name)
+            if isinstance(config, GuardSpaceConfig):
+                report = guardspace_report(self, name)
+                config.calibration_leakage = {
+                    "total": report.total_leakage,
+                    "layers": {layer.name: layer.leakage for layer in report.layers},
+                }
+        return save_pretrained(self, save_directory, *args, selected_adapters=selected_adapters, **kwargs)
+
+    return wrapper
+
+
 def attach_merge_with_safety_mask() -> None:
     """Add ``LoraModel.merge_with_safety_mask`` (a new method, no PEFT class replaced; ``PeftModel.__getattr__``
     forwards to it). The SOMF code is imported on first call only."""
@@ -240,4 +262,5 @@ def install() -> None:
     LoraModel.inject_adapter = _wrap_inject_adapter(LoraModel.inject_adapter)
     LoraModel.add_weighted_adapter = _wrap_add_weighted_adapter(LoraModel.add_weighted_adapter)
     PeftConfigMixin.from_peft_type = _wrap_from_peft_type(PeftConfigMixin.from_peft_type.__func__)
+    PeftModel.save_pretrained = _wrap_save_pretrained(PeftModel.save_pretrained)
     setattr(LoraModel, _INSTALLED_FLAG, True)

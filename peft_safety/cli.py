@@ -355,9 +355,20 @@ def cmd_report(args: argparse.Namespace) -> None:
     _check_adapter_dir(args.adapter)
     from .guardspace import guardspace_report
 
+    heldout = None
+    if args.heldout_statistics:
+        from .statistics import SafetyStatistics
+
+        try:
+            heldout = SafetyStatistics.load(args.heldout_statistics)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--heldout-statistics: {err}") from err
     model, _ = load_model(args)
     peft_model = _load_adapter(model, args.adapter, args.adapter_name)
-    report = guardspace_report(peft_model, args.adapter_name)
+    try:
+        report = guardspace_report(peft_model, args.adapter_name, heldout_statistics=heldout)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     _print(str(report))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
@@ -506,6 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--adapter", required=True, help="GuardSpace adapter folder")
     report.add_argument("--adapter-name", default="default", help="adapter name inside the model (default)")
     report.add_argument("--json", help="also write the report as JSON")
+    report.add_argument(
+        "--heldout-statistics",
+        help="statistics file (peft-safety stats) of other inputs, e.g. held-out harmful prompts: adds each layer's "
+        "relative output change on them",
+    )
     report.add_argument("--plot", help="also plot null-space dimension per layer (PNG, needs matplotlib)")
     report.set_defaults(func=cmd_report)
     return parser

@@ -141,6 +141,21 @@ def test_export_and_report(work, capsys):
     assert len(layers) == 2 * len(TARGETS) and all(layer["null_dim"] > 0 for layer in layers)
 
 
+def test_report_with_heldout_statistics(work, capsys):
+    heldout = work / "heldout.safetensors"
+    tok = build_tokenizer()
+    stats = collect_safety_statistics(make_llama(tok), tok, BENIGN_TEXTS, target_modules=TARGETS, show_progress=False)
+    stats.save(heldout)
+    report_json = work / "report_heldout.json"
+    args = ["report", "--model", str(work / "model"), "--adapter", str(work / "guard")]
+    assert main([*args, "--heldout-statistics", str(heldout), "--json", str(report_json)]) == 0
+    assert "held-out" in capsys.readouterr().out
+    layers = json.loads(report_json.read_text())["layers"]
+    assert all(layer["heldout_leakage"] == 0.0 for layer in layers)  # an untrained adapter changes nothing
+    assert main([*args, "--heldout-statistics", str(work / "harmful.txt")]) == 2
+    assert "--heldout-statistics" in _one_line_error(capsys.readouterr().err)
+
+
 def test_user_mistakes_give_one_line_and_exit_code_2(work, capsys):
     model, harmful = str(work / "model"), str(work / "harmful.txt")
     cases = [

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import BENIGN_TEXTS, HARMFUL_PROMPTS, LLAMA_TARGETS, encode, logits_of, make_llama, train_steps
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 
 from peft_safety import GuardSpaceConfig, collect_safety_statistics, export_to_lora, guardspace_report
@@ -134,12 +134,19 @@ def test_heldout_statistics_give_the_exact_output_change_on_other_inputs(tokeniz
     assert "held-out" in str(report)
 
 
-def test_export_records_the_certificate(tokenizer, stats, tmp_path):
+def test_saved_adapter_and_export_record_the_certificate(tokenizer, stats, tmp_path):
     model = train(tokenizer, stats)
     train_steps(model, tokenizer, BENIGN_TEXTS, steps=3, lr=1e-2)
-    export_to_lora(model, tmp_path)
-    with safe_open(tmp_path / "adapter_model.safetensors", framework="pt") as handle:
-        recorded = json.loads(handle.metadata()["peft_safety.calibration_leakage"])
     report = guardspace_report(model)
-    assert recorded["total"] == pytest.approx(report.total_leakage)
-    assert recorded["layers"] == pytest.approx({layer.name: layer.leakage for layer in report.layers})
+    expected = {"total": report.total_leakage, "layers": {layer.name: layer.leakage for layer in report.layers}}
+    assert report.total_leakage > 0
+    export_to_lora(model, tmp_path / "export")
+    with safe_open(tmp_path / "export" / "adapter_model.safetensors", framework="pt") as handle:
+        exported = json.loads(handle.metadata()["peft_safety.calibration_leakage"])
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["calibration_leakage"]
+    for recorded in (exported, saved):
+        assert recorded["total"] == pytest.approx(expected["total"])
+        assert recorded["layers"] == pytest.approx(expected["layers"])
+    reloaded = PeftModel.from_pretrained(make_llama(tokenizer), tmp_path / "adapter")
+    assert guardspace_report(reloaded).total_leakage == pytest.approx(report.total_leakage, rel=1e-6)

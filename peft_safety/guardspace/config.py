@@ -70,6 +70,8 @@ class GuardSpaceConfig(LoraConfig):
             adapter so that loading rebuilds the layers without the statistics and without any SVD.
         near_null_dims (`dict[str, int]`, set at initialisation): number of leaking (non-exact) null directions per
             module, whose eigenpairs are saved for the leakage certificate.
+        calibration_leakage (`dict`, set by ``save_pretrained``): the adapter's leakage certificate when it was
+            saved, ``{"total": ..., "layers": {module: relative leakage}}`` (see ``guardspace_report``).
         null_space_sites (`dict[str, str]`, set at initialisation): input site of each module (the first module
             reading the same tensor). Loading uses it to give the modules of a site one shared projector basis.
 
@@ -106,6 +108,9 @@ class GuardSpaceConfig(LoraConfig):
     )
     near_null_dims: dict[str, int] | None = field(
         default=None, metadata={"help": "Leaking null directions per module; recorded at initialisation."}
+    )
+    calibration_leakage: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Leakage certificate (total and per module); recorded by save_pretrained."}
     )
     null_space_sites: dict[str, str] | None = field(
         default=None, metadata={"help": "Input site of each module; recorded at initialisation."}
