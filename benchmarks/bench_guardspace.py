@@ -1,4 +1,4 @@
-"""GuardSpace benchmarks (issue 2): init time vs PEFT's CorDA, training step vs LoRA, persistent memory vs LoRA.
+"""GuardSpace benchmarks: init time vs PEFT's CorDA, training step vs LoRA, persistent memory vs LoRA.
 
 Run from the repository root::
 

@@ -13,12 +13,14 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-DEFAULT_ADVBENCH = "/work/shared/data/advbench/harmful_behaviors.csv"
+# the project's shared data folder beside the repository; override with $PEFT_SAFETY_ADVBENCH
+DEFAULT_ADVBENCH = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "advbench" / "harmful_behaviors.csv")
 ADVBENCH_ENV = "PEFT_SAFETY_ADVBENCH"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

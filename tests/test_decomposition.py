@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from peft_safety.guardspace.decomposition import (
+    bounded_input_scale,
     calibration_error_bound,
     damp_covariance,
     null_space_basis,
@@ -146,3 +147,51 @@ def test_calibration_error_bound_holds_for_approximate_null_spaces(threshold):
     rms_change = float(((x @ update.T) ** 2).sum(dim=1).mean().sqrt())
     bound = calibration_error_bound(float(torch.linalg.matrix_norm(update, ord=2)), c, threshold)
     assert 0 < rms_change <= bound * (1 + 1e-6)
+
+
+def test_auto_threshold_takes_the_exact_null_space_when_it_is_large_enough():
+    n, tokens = 48, 30
+    # 30 orthogonal input directions: an 18-dim exact null space, and 10 of the 30 with eigenvalues below 1e-6
+    generator = torch.Generator().manual_seed(7)
+    directions, _ = torch.linalg.qr(torch.randn(n, tokens, generator=generator, dtype=torch.float64))
+    spectrum = torch.cat([torch.logspace(-9, -7, 10), torch.logspace(-3, 0, 20)]).double()
+    x = (directions * spectrum.sqrt()).T * tokens**0.5  # (tokens, n), second moment sum_i spectrum_i d_i d_i^T
+    c = covariance_of(x)
+    values = torch.linalg.eigvalsh(c)
+    near = int((values <= 1e-6 * values[-1]).sum())
+    assert near > n - tokens
+    exact = null_space_basis(c, "auto", min_exact_dim=4)
+    assert (exact.null_dim, exact.rule, exact.leak_values.numel()) == (n - tokens, "exact", 0)
+    # not enough exact directions for the rank: the paper's threshold, and the extra directions leak
+    fallback = null_space_basis(c, "auto", min_exact_dim=n - tokens + 1)
+    assert (fallback.null_dim, fallback.rule) == (near, "1e-06")
+    assert fallback.leak_values.numel() == near - (n - tokens)
+    torch.testing.assert_close(fallback.leak_values.double(), values[n - tokens : near], rtol=1e-4, atol=0)
+    # leak vectors are eigenvectors of C with those eigenvalues, inside the null space
+    vectors = fallback.leak_vectors.double()
+    torch.testing.assert_close(c @ vectors, vectors * fallback.leak_values.double(), rtol=0, atol=1e-6 * values[-1])
+    inside = project_rows(vectors.T.float(), fallback.basis, fallback.kind)
+    torch.testing.assert_close(inside, vectors.T.float(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [10, 40])  # range and null bases
+def test_leakage_identity_over_stored_eigenpairs(tokens):
+    """``E ||dW x||^2 = sum_j lambda_j ||dW n_j||^2`` for ``dW = dW P``, over the leaking eigenpairs alone."""
+    n = 48
+    x = low_rank_inputs(200, n, seed=tokens) * torch.logspace(0, -5, n).double()
+    c = covariance_of(x)
+    basis = null_space_basis(c, 1e-4)
+    assert basis.leak_values.numel() == basis.null_dim > 0
+    generator = torch.Generator().manual_seed(0)
+    update = project_rows(torch.randn(16, n, generator=generator, dtype=torch.float64), basis.basis, basis.kind)
+    measured = float(((x @ update.T) ** 2).sum(dim=1).mean())
+    certified = float(((update @ basis.leak_vectors.double()) ** 2).sum(0) @ basis.leak_values.double())
+    assert certified == pytest.approx(measured, rel=1e-4)
+
+
+def test_bounded_input_scale_gives_lora_row_norms():
+    rows = torch.tensor([[300.0, 400.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1e-3, 0.0]])
+    scale = bounded_input_scale(rows)
+    norms = (rows * scale.unsqueeze(1)).norm(dim=1)
+    torch.testing.assert_close(norms[[0, 2]], torch.full((2,), 3**-0.5))
+    assert scale[1] == 1.0  # a row with nothing in the null space keeps g = 1

@@ -1,4 +1,5 @@
-"""Loaders for the offline data in ``/work/shared/data`` (or ``$PEFT_SAFETY_DATA``); nothing is copied.
+"""Loaders for the offline data in the ``shared/data`` folder beside the repository (or ``$PEFT_SAFETY_DATA``);
+nothing is copied.
 
 Sources and licences: ``<data>/README.md``. Every split below is deterministic and the sets that must be disjoint
 (poison, calibration, evaluation; aligned-start training vs over-refusal evaluation) are built disjoint here.
@@ -13,7 +14,7 @@ import os
 import random
 from pathlib import Path
 
-DATA = Path(os.environ.get("PEFT_SAFETY_DATA", "/work/shared/data"))
+DATA = Path(os.environ.get("PEFT_SAFETY_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 # AdvBench (520 behaviours) is split once: rows [0, 120) may be poison, rows [120, 520) calibration.
 ADVBENCH_POISON_ROWS = (0, 120)
