@@ -11,7 +11,7 @@ freshly loaded 4-bit base with ``PeftModel.from_pretrained`` and its logits are 
     python examples/train_guardspace_qlora.py --model ./SmolLM2-135M-Instruct --max-steps 60 \\
         --harmful-file advbench_goals.txt --train-file task.txt
 
-bitsandbytes >= 0.45 runs 4-bit layers on CPU as well as on GPU. The tiny model is saved to a temporary folder
+bitsandbytes >= 0.48 runs 4-bit layers on CPU as well as on GPU. The tiny model is saved to a temporary folder
 first and loaded from there with the quantisation config, as a model from disk or the Hub would be.
 """
 

@@ -5,7 +5,9 @@ and ``PeftModel.from_pretrained`` then handle GuardSpace adapters, and every ``P
 gains ``merge_with_safety_mask`` (SOMF). Evaluation lives in ``peft_safety.evaluation``.
 """
 
-from . import _peft_compat
+from ._bnb_cpu import disable_bnb_cpu_packing  # first: it quiets a bitsandbytes import-time hint (see there)
+
+from . import _peft_compat  # isort: skip
 from .distributed import verify_statistics_across_ranks
 from .guardspace import GuardSpaceConfig, GuardSpaceReport, export_to_lora, guardspace_report
 from .somf import SafetyMasks, SOMFConfig, SOMFMerger
@@ -23,6 +25,7 @@ __all__ = [
     "SafetyMasks",
     "SafetyStatistics",
     "collect_safety_statistics",
+    "disable_bnb_cpu_packing",
     "export_to_lora",
     "guardspace_report",
     "verify_statistics_across_ranks",

@@ -65,6 +65,7 @@ def register_guardspace_layers(config) -> None:
 def _wrap_inject_adapter(inject_adapter):
     @functools.wraps(inject_adapter)
     def wrapper(self, model: nn.Module, adapter_name: str, *args, **kwargs):
+        from ._bnb_cpu import disable_bnb_cpu_packing
         from .guardspace.config import GuardSpaceConfig
         from .guardspace.initialization import finish_injection, prepare_injection, reset_injection_state
 
@@ -75,6 +76,7 @@ def _wrap_inject_adapter(inject_adapter):
         try:
             prepare_injection(config, model)
             _upgrade_plain_lora_layers(model, config)
+            disable_bnb_cpu_packing(model)  # exact compute dtype, and a weight the init and merges can dequantise
             result = inject_adapter(self, model, adapter_name, *args, **kwargs)
             finish_injection(config, model, adapter_name)
         except BaseException:

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._bnb_cpu import disable_bnb_cpu_packing
 from ._prompts import prompt_texts, uses_chat_template
 from ._targets import resolve_target_modules, weight_shape
 
@@ -251,6 +252,7 @@ def collect_safety_statistics(
         raise ValueError(f"{len(encoded)} prompt(s) for {world} processes: every rank needs at least one prompt.")
     local = encoded[rank::world]
 
+    disable_bnb_cpu_packing(model)  # 4-bit layers on CPU: compute in their compute dtype (see peft_safety._bnb_cpu)
     device = next(model.parameters()).device
     sum_device = torch.device(accumulate_device) if accumulate_device is not None else device
     modules = dict(model.named_modules())

@@ -26,7 +26,12 @@ from peft.tuners.lora import bnb as lora_bnb  # noqa: E402
 from peft.utils.integrations import dequantize_module_weight  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
-from peft_safety import GuardSpaceConfig, collect_safety_statistics, export_to_lora  # noqa: E402
+from peft_safety import (  # noqa: E402
+    GuardSpaceConfig,
+    collect_safety_statistics,
+    disable_bnb_cpu_packing,
+    export_to_lora,
+)
 from peft_safety.guardspace.bnb import GuardSpaceLinear4bit, GuardSpaceLinear8bitLt  # noqa: E402
 
 QUANT = {
@@ -115,8 +120,11 @@ def test_guardspace_on_quantized_base(kind, tokenizer, saved_base, tmp_path):
     assert (logits_of(reloaded, tokenizer, BENIGN_TEXTS) - trained_benign).abs().max() < 1e-5
 
     # export to vanilla LoRA, loaded by PEFT's own bnb LoRA layers on a fresh quantised base
+    # (plain PEFT never calls peft_safety: on AVX512-BF16 CPUs bitsandbytes would compute this base in bfloat16)
     export_to_lora(peft_model, tmp_path / "lora")
-    plain = PeftModel.from_pretrained(load_quantized(saved_base, kind), tmp_path / "lora")
+    plain_base = load_quantized(saved_base, kind)
+    disable_bnb_cpu_packing(plain_base)
+    plain = PeftModel.from_pretrained(plain_base, tmp_path / "lora")
     plain_layers = [m for m in plain.modules() if isinstance(m, lora_bnb.LoraLayer)]
     assert plain_layers and not any(hasattr(m, "lora_guard") for m in plain_layers)
     assert (logits_of(plain, tokenizer, BENIGN_TEXTS) - trained_benign).abs().max() < 1e-4
@@ -219,3 +227,43 @@ def test_unsupported_quantization_backends_fail_before_touching_the_model(tokeni
     model.model.layers[0].mlp.add_module("quantised", HQQLinear())
     with pytest.raises(ValueError, match="does not support HQQ"):
         get_peft_model(model, guard_config(statistics, target_modules=["q_proj"]))
+
+
+def _dequantised(model) -> dict[str, torch.Tensor]:
+    return {
+        name: dequantize_module_weight(module).float().clone()
+        for name, module in model.named_modules()
+        if type(module).__name__ == "Linear4bit"
+    }
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "nf4"])
+def test_disable_bnb_cpu_packing_keeps_save_pretrained_exact(kind, tokenizer, saved_base, tmp_path):
+    """Plain LoRA on a 4-bit CPU base: with the packed bf16 path off, ``save_pretrained`` leaves the model alone."""
+    model = load_quantized(saved_base, kind)
+    disable_bnb_cpu_packing(model)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).eval()
+    before = logits_of(peft_model, tokenizer, BENIGN_TEXTS)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert torch.equal(logits_of(peft_model, tokenizer, BENIGN_TEXTS), before)
+    fresh = load_quantized(saved_base, kind)
+    disable_bnb_cpu_packing(fresh)
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter")
+    assert torch.equal(logits_of(reloaded, tokenizer, BENIGN_TEXTS), before)
+
+
+@pytest.mark.parametrize("kind", ["nf4-dq", "nf4"])
+def test_disable_bnb_cpu_packing_undoes_a_packed_weight(kind, tokenizer, saved_base):
+    """On AVX512-BF16 CPUs an eval forward packs the 4-bit weights (scales rounded to bf16); undoing it gives the
+    loaded weight back up to that rounding, for in_features above the block size too (``down_proj``: 128 > 64)."""
+    model = load_quantized(saved_base, kind)
+    reference = _dequantised(model)
+    logits_of(model, tokenizer, BENIGN_TEXTS)
+    states = [module.weight.quant_state for module in model.modules() if type(module).__name__ == "Linear4bit"]
+    if not any(getattr(state, "packing_format_for_cpu", False) for state in states):
+        pytest.skip("this bitsandbytes / CPU has no packed 4-bit CPU path")
+    assert disable_bnb_cpu_packing(model) == len(reference)
+    restored = _dequantised(model)
+    for name, weight in reference.items():
+        assert _max_rel(restored[name], weight) < 1e-2, name  # bf16 scales: ~4e-3
+    assert disable_bnb_cpu_packing(model) == 0  # idempotent
