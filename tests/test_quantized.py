@@ -1,7 +1,7 @@
 """GuardSpace on bitsandbytes 4-bit (nf4/fp4, double quantisation on/off) and 8-bit bases, on CPU.
 
-Calibration: the 6 harmful prompts (48 tokens) are fewer than the hidden size (64), so with
-``null_space_threshold=1e-10`` the null space is exact and the guarantee holds to float32 rounding.
+Calibration: the 6 harmful prompts (48 tokens) are fewer than the hidden size (64); GuardSpace's default options
+use the exact null space wherever it has at least ``r`` directions, and the guarantee holds to float32 rounding.
 """
 
 from __future__ import annotations
@@ -73,7 +73,6 @@ def guard_config(statistics, target_modules=TARGETS, **kwargs) -> GuardSpaceConf
         lora_alpha=8,
         target_modules=target_modules,
         safety_statistics=statistics,
-        null_space_threshold=1e-10,
         **kwargs,
     )
 
@@ -102,14 +101,16 @@ def test_guardspace_on_quantized_base(kind, tokenizer, saved_base, tmp_path):
     with peft_model.disable_adapter():
         base_outputs = layer_outputs(peft_model, tokenizer, HARMFUL_PROMPTS, PROBED)
         base_benign = logits_of(peft_model, tokenizer, BENIGN_TEXTS)
+        base_harmful = logits_of(peft_model, tokenizer, HARMFUL_PROMPTS)
     # function at init equals the quantised base
     assert (logits_of(peft_model, tokenizer, BENIGN_TEXTS) - base_benign).abs().max() < 1e-5
 
-    losses = train_steps(peft_model, tokenizer, BENIGN_TEXTS, steps=3, lr=1e-3)
+    losses = train_steps(peft_model, tokenizer, BENIGN_TEXTS, steps=10, lr=1e-2)  # AdamW, weight decay, clipping
     assert all(torch.isfinite(torch.tensor(losses)))
     trained_outputs = layer_outputs(peft_model, tokenizer, HARMFUL_PROMPTS, PROBED)
-    for name in PROBED:  # guarantee on the quantised model: measured <= 6e-6 relative (fp32 rounding)
+    for name in PROBED:  # guarantee on the quantised model (fp32 rounding)
         assert _max_rel(trained_outputs[name], base_outputs[name]) < 1e-4, name
+    assert _max_rel(logits_of(peft_model, tokenizer, HARMFUL_PROMPTS), base_harmful) < 1e-4  # the whole model
     trained_benign = logits_of(peft_model, tokenizer, BENIGN_TEXTS)
     assert (trained_benign - base_benign).abs().max() > 1e-3  # it did learn off the calibration span
 
