@@ -154,7 +154,7 @@ def test_accelerate_launch_two_cpu_processes_ddp(tmp_path):
     assert [text for r in results for text in r["shard"]] == BENIGN_TEXTS
     # projector bases are buffers: not parameters, not synchronised, not optimised, not changed by training
     for r in results:
-        assert r["guard_parameters"] == [] and r["guard_buffers"] == 4 * r["adapted_layers"] > 0
+        assert r["guard_parameters"] == [] and r["guard_buffers"] == 8 * r["adapted_layers"] > 0
         assert r["buffers_shared_with_parameters"] == 0 and r["buffers_in_optimizer"] == 0
         assert r["buffers_unchanged"] and r["find_unused_parameters"] is False
     # the guarantee holds on every rank, for every adapted layer
@@ -184,7 +184,9 @@ def test_accelerate_launch_two_cpu_processes_ddp(tmp_path):
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
     reference = load_file(tmp_path / "reference" / "adapter_model.safetensors")
     assert saved.keys() == reference.keys() and any(".lora_guard." in key for key in saved)
-    difference = {key: float((saved[key] - value).abs().max()) for key, value in reference.items()}
+    difference = {
+        key: float((saved[key] - value).abs().max()) if value.numel() else 0.0 for key, value in reference.items()
+    }
     trained = max(value for key, value in difference.items() if ".lora_guard." not in key)
     # Adam turns rounding-level gradients into lr-sized steps; in lora_A they lie in directions P projects out,
     # so the effective update s (B A - B0 A0) P agrees much more closely than the raw lora_A

@@ -64,7 +64,7 @@ def test_qlora_example(tmp_path):
     numbers = {line.split(":")[0]: line for line in done.stdout.splitlines()}
     change = numbers["max |logit change| vs the 4-bit base"]
     task, calibration = (float(part.rsplit(" ", 1)[1]) for part in change.split(":", 1)[1].split(","))
-    assert task > 1e-2  # it trained (measured 0.27 after one step with a non-zero learning rate)
+    assert task > 1e-3  # it trained (measured 8e-3 after 2 steps at lr 2e-4: the pace of plain LoRA)
     assert calibration < 1e-2 * task  # and left the calibration prompts alone (measured 1e-4)
     assert float(numbers["reloaded adapter"].rsplit(" ", 1)[1]) < 1e-5  # fresh 4-bit base + saved adapter
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

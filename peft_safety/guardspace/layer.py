@@ -2,12 +2,13 @@
 
 Forward of a GuardSpace adapter (offset form, base weight untouched):
 
-    y = W x + s * B (A P) dropout(x) - s * B0 (A0 P) dropout(x)
+    y = W x + s * B (A_eff P) dropout(x) - s * B0 (A0_eff P) dropout(x),    A_eff = g * A (row-wise)
 
-``A``/``B`` train (initialised to ``A0``/``B0``), ``B0`` and ``A0 P`` are frozen buffers, ``P`` is the null-space
-projector given by a stored basis (never a dense ``n x n`` matrix per module). ``A P`` is formed once per forward
-call in ``O(r n k)``, then applied to tokens at the cost of plain LoRA. The effective update
-``dW = s (B A - B0 A0) P`` vanishes on the span of the calibration inputs whatever values ``A``/``B`` take.
+``A``/``B`` train (initialised to ``A0``/``B0``), ``B0`` and ``A0_eff P`` are frozen buffers, ``g`` a fixed
+per-component input scale, ``P`` the null-space projector given by a stored basis (never a dense ``n x n`` matrix per
+module). ``A_eff P`` is formed once per forward call in ``O(r n k)``, then applied to tokens at the cost of plain
+LoRA. The effective update ``dW = s (B A_eff - B0 A0_eff) P`` vanishes on the span of the calibration inputs
+whatever values ``A``/``B`` take (exactly on an exact null space; up to the certified leakage otherwise).
 """
 
 from __future__ import annotations
