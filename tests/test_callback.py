@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HARMFUL_PROMPTS
+from conftest import BENIGN_TEXTS, HARMFUL_PROMPTS, make_llama
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from peft_safety import GuardSpaceConfig, collect_safety_statistics, guardspace_report
 from peft_safety.evaluation import SafetyMonitorCallback
 
 
@@ -29,8 +30,9 @@ class _AlwaysHarmful:
         return [1.0] * len(prompts)
 
 
-def _trainer(tmp_path, tokenizer, llama, max_steps, callbacks=()):
-    model = get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+def _trainer(tmp_path, tokenizer, llama, max_steps, callbacks=(), config=None):
+    config = config or LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(llama, config)
     rows = [tokenizer(text)["input_ids"][:5] for text in HARMFUL_PROMPTS]
     data = [{"input_ids": torch.tensor(ids), "labels": torch.tensor(ids)} for ids in rows if len(ids) == 5]
     args = TrainingArguments(
@@ -73,3 +75,28 @@ def test_monitor_validates_arguments():
         SafetyMonitorCallback(["x"], stop_threshold=2.0)
     with pytest.raises(ValueError, match="empty"):
         SafetyMonitorCallback([])
+
+
+def test_monitor_logs_the_guardspace_leakage_certificate(tmp_path, tokenizer, llama):
+    """Without generation (``harmful_prompts=None``): calibration leakage (here on a wide 1e-3 threshold, so that
+    it is nonzero) and the output change on held-out statistics, equal to ``guardspace_report``'s figures."""
+    targets = ["q_proj", "v_proj", "down_proj"]
+    stats = collect_safety_statistics(make_llama(tokenizer), tokenizer, HARMFUL_PROMPTS, targets, show_progress=False)
+    heldout = collect_safety_statistics(make_llama(tokenizer), tokenizer, BENIGN_TEXTS, targets, show_progress=False)
+    config = GuardSpaceConfig(
+        r=2, lora_alpha=4, target_modules=targets, safety_statistics=stats, null_space_threshold=1e-3
+    )
+    recorder = _Recorder()
+    trainer = _trainer(tmp_path, tokenizer, llama, max_steps=3, callbacks=[recorder], config=config)
+    monitor = SafetyMonitorCallback(None, every_n_steps=1, heldout_statistics=heldout).attach(trainer)
+    trainer.train()
+    assert [h["step"] for h in monitor.history] == [0, 1, 2, 3]
+    assert monitor.history[0]["safety/calibration_leakage"] == 0.0  # at init the update is zero
+    final = monitor.history[-1]
+    report = guardspace_report(trainer.model, heldout_statistics=heldout)
+    assert final["safety/calibration_leakage"] == pytest.approx(report.total_leakage) and report.total_leakage > 0
+    assert final["safety/max_layer_calibration_leakage"] == pytest.approx(report.max_leakage)
+    assert final["safety/max_layer_heldout_leakage"] == pytest.approx(report.max_heldout_leakage)
+    assert report.max_heldout_leakage > 0
+    assert "safety/harmful_score" not in final
+    assert sum("safety/calibration_leakage" in logs for logs in recorder.logs) == 4
