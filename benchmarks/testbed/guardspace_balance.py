@@ -1,4 +1,8 @@
-"""GuardSpace's initial factors on the testbed: the paper's (unbalanced) vs balanced, evaluated in fp32 and bf16.
+"""GuardSpace initial factor scales on the testbed (``bounded``, ``paper``, ``balanced``), evaluated in fp32 and bf16.
+
+Each variant is ``factor_scale:learning_rate``; the null-space threshold is the package default. The recorded results
+(``results/guardspace_balance.json``) predate ``bounded`` and ``"auto"``: they compare the paper's and balanced factors
+at the then-default threshold 1e-6.
 
 Each variant trains like the quick run's ``guardspace`` row (same data, steps, statistics; learning rate per
 variant) and is evaluated twice: in float32 and under bf16 autocast (as most GPU deployments run), against the
@@ -63,7 +67,7 @@ def main() -> None:
         kind, lr = variant.split(":")
         torch.manual_seed(0)
         model, tok, _ = load_start()
-        peft_model = get_peft_model(model, guardspace_config(cfg, stats, balance_factors=kind == "balanced"))
+        peft_model = get_peft_model(model, guardspace_config(cfg, stats, factor_scale=kind))
         train_kw = {**train_settings(cfg), "lr": float(lr)}
         log = sft(peft_model, tok, sst2_mix, desc=f"guardspace {variant}", **train_kw)
         rows[variant] = {**evaluations(peft_model, tok, cfg, sets), "last_loss": round(log["last_loss"], 3)}
