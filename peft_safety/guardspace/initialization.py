@@ -212,8 +212,11 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
     session.initialised.append(target_name)
 
 
+SITE_BUFFERS = ("basis", "leak_vectors", "leak_values")  # the same for every module reading one input site
+
+
 def _share_restored_basis(config: GuardSpaceConfig, target_name: str, state: GuardState) -> None:
-    """When loading, give the modules of one input site a single basis tensor, as at creation.
+    """When loading, give the modules of one input site single basis and leak tensors, as at creation.
 
     The checkpoint holds one copy per module; ``load_state_dict`` copies each into the shared tensor in place (the
     copies are equal), so a reloaded adapter keeps the memory of a fresh one. Loading with ``assign=True``
@@ -223,9 +226,11 @@ def _share_restored_basis(config: GuardSpaceConfig, target_name: str, state: Gua
     shared = getattr(config, "_guardspace_restored_bases", None)
     if site is None or shared is None:
         return
-    basis = shared.setdefault(site, state.basis)
-    if basis.shape == state.basis.shape and basis.device == state.basis.device:
-        state.basis = basis
+    tensors = shared.setdefault(site, {name: getattr(state, name) for name in SITE_BUFFERS})
+    for name in SITE_BUFFERS:
+        tensor, own = tensors[name], getattr(state, name)
+        if tensor.shape == own.shape and tensor.device == own.device:
+            setattr(state, name, tensor)
 
 
 def reset_injection_state(config: GuardSpaceConfig) -> None:
