@@ -1,11 +1,13 @@
 """Whole-model guarantee under stress training: GuardSpace (defaults, and the paper's factors) against plain LoRA.
 
-Tiny random Llama and GPT-2 (hidden 128, 2 layers), 8 AdvBench prompts for calibration, 30 AdamW steps at lr 1e-2
-(weight decay 0.1, gradient clipping 1) on benign texts, rank 8, alpha 16. For each method and setting it prints the
-relative change of the logits on the calibration prompts (``||logits - base|| / ||base||``), the same on the
-benign training texts (what was learnt), ``merge_and_unload`` against the unmerged model, and GuardSpace's leakage
-certificate. Settings: fp32; a bf16 base (statistics, training and reference in bf16); trained in fp32 then cast
-with ``model.to(torch.bfloat16)`` (reference: the base in bf16); 4 calibration prompts at lr 5e-3.
+Tiny random Llama and GPT-2 (hidden 128, 2 layers), 8 AdvBench prompts for calibration (4 or 64 in two settings),
+30 AdamW steps at lr 1e-2 (weight decay 0.1, gradient clipping 1) on benign texts, rank 8, alpha 16. For each method
+and setting it prints the relative change of the logits on the calibration prompts (``||logits - base|| / ||base||``),
+the same on the benign training texts (what was learnt), ``merge_and_unload`` against the unmerged model, and
+GuardSpace's leakage certificate. Settings: fp32; a bf16 base (statistics, training and reference in bf16); trained
+in fp32 then cast with ``model.to(torch.bfloat16)`` (reference: the base in bf16); 4 calibration prompts at
+lr 5e-3; 64 calibration prompts (more tokens than features: no exact null space, the paper's 1e-6 rule everywhere).
+The bounded-leakage variant runs in the last setting only (elsewhere nothing leaks and it equals the defaults).
 
     python -m benchmarks.bench_guarantee            # AdvBench from $PEFT_SAFETY_ADVBENCH or the shared data folder
 """
@@ -35,7 +37,9 @@ METHODS = {
     "plain LoRA": None,
     "GuardSpace (defaults)": {},
     "GuardSpace (paper factors, 1e-6)": {"factor_scale": "paper", "null_space_threshold": 1e-6},
+    "GuardSpace (defaults, max_calibration_leakage 1e-6)": {"max_calibration_leakage": 1e-6},
 }
+SETTINGS = ("fp32", "bf16 base", "cast to bf16", "4 prompts, lr 5e-3", "64 prompts (no exact null space)")
 
 
 def llama(vocab: int, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -114,18 +118,20 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    prompts, source = load_harmful_prompts(8, args.advbench)
+    prompts, source = load_harmful_prompts(64, args.advbench)
     tokenizer = build_tokenizer(prompts + BENIGN, vocab_size=512)
-    print(f"# {machine_description()}; calibration: 8 AdvBench prompts ({os.path.basename(source)})")
+    print(f"# {machine_description()}; calibration: AdvBench prompts ({os.path.basename(source)})")
     print(
         "| model | setting | method | calibration drift | vs LoRA | benign change | merged vs unmerged | certificate |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for arch in ARCHITECTURES:
-        for setting in ("fp32", "bf16 base", "cast to bf16", "4 prompts, lr 5e-3"):
-            calibration = prompts[:4] if setting.startswith("4 prompts") else prompts
+        for setting in SETTINGS:
+            calibration = prompts[: int(setting.split()[0])] if "prompts" in setting else prompts[:8]
             lora_drift = None
             for method, options in METHODS.items():
+                if options and "max_calibration_leakage" in options and "no exact" not in setting:
+                    continue
                 row = run(arch, options, tokenizer, calibration, setting)
                 lora_drift = lora_drift or row["calibration"]
                 if options is None:

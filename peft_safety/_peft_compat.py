@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
+import logging
 from typing import Any
 
 import peft
@@ -34,6 +36,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+logger = logging.getLogger("peft_safety")
 SUPPORTED_PEFT = (Version("0.21"), Version("0.22"))
 _INSTALLED_FLAG = "_peft_safety_installed"
 
@@ -222,20 +225,29 @@ def _wrap_from_peft_type(from_peft_type):
 
 
 def _wrap_save_pretrained(save_pretrained):
-    @functools.wraps(save_pretrained)
-    def wrapper(self, save_directory, *args, selected_adapters=None, **kwargs):
-        from .guardspace.config import GuardSpaceConfig
-        from .guardspace.report import guardspace_report
+    signature = inspect.signature(save_pretrained)
 
-        for name in selected_adapters or list(self.peft_config):
+    @functools.wraps(save_pretrained)
+    def wrapper(self, *args, **kwargs):
+        from .guardspace.config import GuardSpaceConfig
+        from .guardspace.report import guardspace_report, is_sharded
+
+        selected = signature.bind(self, *args, **kwargs).arguments.get("selected_adapters")
+        for name in selected or list(self.peft_config):
             config = self.peft_config.get(name)
-            if isinstance(config, GuardSpaceConfig):
-                report = guardspace_report(self, name)
-                config.calibration_leakage = {
-                    "total": report.total_leakage,
-                    "layers": {layer.name: layer.leakage for layer in report.layers},
-                }
-        return save_pretrained(self, save_directory, *args, selected_adapters=selected_adapters, **kwargs)
+            if not isinstance(config, GuardSpaceConfig):
+                continue
+            if is_sharded(self, name):
+                # ZeRO-3 / FSDP: the live adapter weights are shards; the trainer saves a gathered state_dict
+                logger.warning(
+                    "GuardSpace adapter '%s' is sharded: its leakage certificate is not recorded in "
+                    "adapter_config.json (guardspace_report() on the unwrapped, gathered model gives it).",
+                    name,
+                )
+                config.calibration_leakage = None
+                continue
+            config.calibration_leakage = guardspace_report(self, name).certificate()
+        return save_pretrained(self, *args, **kwargs)
 
     return wrapper
 

@@ -117,11 +117,13 @@ class SafetyMonitorCallback(TrainerCallback):
 
     def leakage(self, model: Any) -> dict[str, float]:
         """The leakage certificate of every GuardSpace adapter of ``model`` (empty without one)."""
-        from ..guardspace.report import guardspace_report
+        from ..guardspace.report import guardspace_report, is_sharded
 
         adapters = sorted({name for module in model.modules() for name in getattr(module, "lora_guard", ())})
         metrics = {}
         for adapter in adapters:
+            if is_sharded(model, adapter):  # ZeRO-3 / FSDP shards: nothing to read between gathers
+                continue
             report = guardspace_report(model, adapter, self.heldout_statistics)
             suffix = f"/{adapter}" if len(adapters) > 1 else ""
             metrics[f"{self.prefix}calibration_leakage{suffix}"] = report.total_leakage

@@ -14,7 +14,7 @@ from ..statistics import SafetyStatistics, collect_safety_statistics
 from .layer import GUARDSPACE_INIT
 
 RankAllocation = Literal["uniform", "null_dim"]
-FactorScale = Literal["bounded", "paper", "balanced"]
+FactorScale = Literal["auto", "bounded", "paper", "balanced"]
 _UNSUPPORTED_LORA_OPTIONS = ("use_dora", "use_qalora", "use_bdlora", "loftq_config", "eva_config", "corda_config")
 
 
@@ -42,18 +42,20 @@ class GuardSpaceConfig(LoraConfig):
             ``lambda <= 1e-6 lambda_max``. A float: ``lambda <= null_space_threshold * lambda_max`` everywhere.
             Directions above the rounding floor leak: the update can move calibration outputs through them, by
             exactly the amount :func:`~peft_safety.guardspace_report` certifies per layer.
-        factor_scale (`"bounded" | "paper" | "balanced"`, defaults to `"bounded"`): size of the initial factors.
-            All three give the same product ``B0 A0`` and the same subspaces. ``"paper"``:
+        factor_scale (`"auto" | "bounded" | "paper" | "balanced"`, defaults to `"auto"`): size of the initial
+            factors. All give the same product ``B0 A0`` and the same subspaces. ``"paper"``:
             ``A0 = S^{1/2} V^T C~^{-1}``, ``B0 = U S^{1/2}``; ``A0`` is about ``1 / damping`` times larger than
-            ``B0`` in the null directions, so each Adam step on ``B`` moves the update hundreds of times more than
-            in plain LoRA: under AdamW at high learning rates the update reaches hundreds of times the base
-            weight's norm and multiplies float rounding (and bf16 rounding far more) and the leakage of near-null
-            directions, layer after layer, until the model's calibration outputs drift almost as far as with
-            plain LoRA. ``"bounded"`` keeps the paper's stored ``A0`` (so ``A`` turns as slowly, keeping the
-            update in the row space the decomposition chose) but applies it through per-component factors ``g``
-            that give ``A_eff = g A`` the row norm of PEFT's default ``lora_A``: the update grows as plain LoRA's
-            does. ``"balanced"``: equal norms of each row of ``A0`` and column of ``B0`` (learns slowly at LoRA
-            learning rates).
+            ``B0`` in the null directions, so each Adam step on ``B`` moves the update that much more than in
+            plain LoRA. That gain is what lets the adapter learn through near-null directions, which carry little
+            energy for any input. On an *exact* null space of a small calibration set, other inputs carry ordinary
+            energy, and the same gain makes the update hundreds of times the base weight's norm under AdamW: it then
+            multiplies float rounding, bf16 rounding and every upstream change layer after layer, until the whole
+            model's calibration outputs drift as far as plain LoRA's. ``"bounded"`` keeps the paper's stored ``A0``
+            (so ``A`` turns as slowly, keeping the update in the row space the decomposition chose) but applies it
+            through per-component factors ``g`` that give ``A_eff = g A`` the row norm of PEFT's default
+            ``lora_A``: the update grows as plain LoRA's does. ``"auto"``: ``"bounded"`` on exact null spaces, the
+            paper's scale on near-null ones (whose leakage the certificate reports). ``"balanced"``: equal norms
+            of each row of ``A0`` and column of ``B0`` (learns slowly at LoRA learning rates).
         max_calibration_leakage (`float`, optional): hard bound on each layer's certified leakage
             ``tr(dW C dW^T) / tr(W C W^T)`` (relative mean squared output change on the calibration inputs). When
             set, the part of the update on leaking directions is scaled down in every forward pass (and in merges
@@ -87,8 +89,10 @@ class GuardSpaceConfig(LoraConfig):
         metadata={"help": "'auto' (exact null space where it exists, else 1e-6) or a relative eigenvalue threshold."},
     )
     factor_scale: FactorScale = field(
-        default="bounded",
-        metadata={"help": "'bounded' (update grows as plain LoRA's), 'paper' or 'balanced' initial factors."},
+        default="auto",
+        metadata={
+            "help": "'auto' (bounded on exact null spaces, paper's elsewhere), 'bounded', 'paper' or 'balanced'."
+        },
     )
     max_calibration_leakage: float | None = field(
         default=None,
@@ -139,14 +143,16 @@ class GuardSpaceConfig(LoraConfig):
                 "`balance_factors=True` is deprecated; use factor_scale='balanced'.", FutureWarning, stacklevel=3
             )
             self.factor_scale, self.balance_factors = "balanced", False
-        if self.factor_scale not in ("bounded", "paper", "balanced"):
-            raise ValueError(f"`factor_scale` must be 'bounded', 'paper' or 'balanced', got {self.factor_scale!r}.")
+        if self.factor_scale not in ("auto", "bounded", "paper", "balanced"):
+            raise ValueError(
+                f"`factor_scale` must be 'auto', 'bounded', 'paper' or 'balanced', got {self.factor_scale!r}."
+            )
         if self.factor_scale == "paper" and self.null_space_dims is None:
             warnings.warn(
                 "factor_scale='paper' makes each optimizer step move the update up to ~1/damping times more than "
-                "plain LoRA's: under AdamW at high learning rates, or in bf16, the calibration outputs then drift "
-                "far beyond float rounding. The default 'bounded' keeps the paper's factors' subspaces without that "
-                "cost.",
+                "plain LoRA's, also on exact null spaces: under AdamW at high learning rates, or in bf16, the whole "
+                "model's calibration outputs then drift far beyond float rounding. The default 'auto' keeps the "
+                "paper's scale only on near-null spaces, where learning needs it.",
                 UserWarning,
                 stacklevel=3,
             )

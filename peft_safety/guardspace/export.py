@@ -75,8 +75,7 @@ def export_to_lora(peft_model: PeftModel, path: str | os.PathLike, adapter_name:
             state_dict[f"{name}.lora_B.weight"] = stacked_B.to(dtype).contiguous()
     lora_config = lora_config_of(config)
     os.makedirs(path, exist_ok=True)
-    report = guardspace_report(peft_model, adapter_name)
-    certificate = {"total": report.total_leakage, "layers": {layer.name: layer.leakage for layer in report.layers}}
+    certificate = guardspace_report(peft_model, adapter_name).certificate()
     metadata = {"format": "pt", "peft_safety.calibration_leakage": json.dumps(certificate)}
     save_file(state_dict, os.path.join(path, SAFETENSORS_WEIGHTS_NAME), metadata=metadata)
     lora_config.save_pretrained(os.fspath(path))

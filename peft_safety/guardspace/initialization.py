@@ -171,9 +171,15 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
             # overwrites them).
             device = layer.get_base_layer().weight.device
         null_dim = (config.null_space_dims or {})[target_name]
+        if config.near_null_dims is None and config.max_calibration_leakage is not None:
+            raise ValueError(
+                "max_calibration_leakage cannot be enforced on this GuardSpace adapter: it was saved by peft-safety "
+                "0.1, without the leaking eigenpairs. Load it without max_calibration_leakage, or re-create it from "
+                "its statistics."
+            )
         leak_dim = (config.near_null_dims or {}).get(target_name, 0)
         state = GuardState(layer.in_features, layer.out_features, r, null_dim, leak_dim, device)
-        state.max_leakage = config.max_calibration_leakage
+        state.leakage_bound = config.max_calibration_leakage
         _share_restored_basis(config, target_name, state)
         layer.lora_guard[adapter_name] = state
         return
@@ -195,7 +201,7 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
     state.basis = basis.basis.to(device)  # one tensor per site, shared by its modules
     state.leak_vectors = basis.leak_vectors.to(device)
     state.leak_values = basis.leak_values.to(device)
-    if config.factor_scale == "bounded":
+    if config.factor_scale == "bounded" or (config.factor_scale == "auto" and basis.rule == "exact"):
         state.input_scale = bounded_input_scale(state.project(lora_A.float())).to(device)
     # B0 / g keeps the product: s (B0 / g) (g A0 P) = s B0 A0 P
     lora_B.data = (b0.to(device) / state.input_scale).to(lora_B.dtype).contiguous()
@@ -204,7 +210,7 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
     state.frozen_B = lora_B.float().clone()
     state.singular_values = singular_values.to(device)
     state.output_energy = output_energy(weight, covariance.to(weight.device)).float().to(device)
-    state.max_leakage = config.max_calibration_leakage
+    state.leakage_bound = config.max_calibration_leakage
     layer.lora_guard[adapter_name] = state
     config.null_space_dims[target_name] = basis.null_dim
     config.near_null_dims[target_name] = basis.leak_values.numel()

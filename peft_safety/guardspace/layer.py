@@ -29,6 +29,9 @@ from .decomposition import project_rows
 GUARDSPACE_INIT = "guardspace"
 
 
+LEGACY_BUFFERS = ("input_scale", "leak_vectors", "leak_values", "output_energy")  # added after peft-safety 0.1
+
+
 class GuardState(nn.Module):
     """Frozen per-adapter GuardSpace tensors of one layer (buffers: saved with the adapter, never trained).
 
@@ -44,7 +47,11 @@ class GuardState(nn.Module):
         leak_values: ``(j,)`` their eigenvalues ``lambda_j`` of the calibration covariance ``C``.
         output_energy: ``()`` ``tr(W C W^T)``, the mean squared output of the base layer on calibration inputs.
 
-    ``max_leakage`` (from the config, not saved here): bound on ``leakage / output_energy``, or ``None``.
+    ``leakage_bound`` (from the config's ``max_calibration_leakage``, not saved here): bound on
+    ``leakage / output_energy``, or ``None``.
+
+    Every buffer is read through ``.float()``: they are float32 (see :meth:`_apply`), but FSDP's mixed precision casts
+    buffers by assigning ``.data``, which no module hook sees.
     """
 
     def __init__(
@@ -53,7 +60,7 @@ class GuardState(nn.Module):
         super().__init__()
         self.null_dim = null_dim
         self.kind = "null" if null_dim <= in_features - null_dim else "range"
-        self.max_leakage: float | None = None
+        self.leakage_bound: float | None = None
         width = min(null_dim, in_features - null_dim)
         # NaN until filled by the initialiser or a checkpoint: a forward with unfilled buffers fails loudly.
         nan = dict(dtype=torch.float32, device=device)
@@ -68,11 +75,11 @@ class GuardState(nn.Module):
 
     def project(self, lora_A: torch.Tensor) -> torch.Tensor:
         """``lora_A @ P`` (``(r, n)``)."""
-        return project_rows(lora_A, self.basis, self.kind)
+        return project_rows(lora_A, self.basis.float(), self.kind)
 
     def effective_A(self, lora_A: torch.Tensor) -> torch.Tensor:
         """``g * (A P)`` in float32 (``(r, n)``), the input side the adapter applies."""
-        return self.project(lora_A.float()) * self.input_scale.unsqueeze(1)
+        return self.project(lora_A.float()) * self.input_scale.float().unsqueeze(1)
 
     def leakage(
         self, trained_A: torch.Tensor, frozen_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
@@ -84,32 +91,48 @@ class GuardState(nn.Module):
         """
         if self.leak_values.numel() == 0:
             return trained_A.new_zeros(())
-        vectors = self.leak_vectors
-        moved = lora_B.float() @ (trained_A @ vectors) - self.frozen_B @ (frozen_A @ vectors)  # (m, j)
-        return scaling**2 * (moved.pow(2).sum(0) * self.leak_values).sum()
+        vectors = self.leak_vectors.float()
+        moved = lora_B.float() @ (trained_A @ vectors) - self.frozen_B.float() @ (frozen_A @ vectors)  # (m, j)
+        return scaling**2 * (moved.pow(2).sum(0) * self.leak_values.float()).sum()
 
     def input_factors(
         self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The float32 ``(r, n)`` input sides ``(A_eff P, A0_eff P)`` of the trained and frozen terms.
 
-        With ``max_leakage`` set, the near-null component of the update is scaled down by
-        ``c = min(1, sqrt(max_leakage * output_energy / leakage))`` (computed without gradient, like a clip), so
-        that the certified leakage of the update actually applied never exceeds the bound.
+        With ``leakage_bound`` set, the near-null component of the update is scaled down by
+        ``c = min(1, sqrt(leakage_bound * output_energy / leakage))`` (computed without gradient, like a clip), so
+        that the certified leakage of the update actually applied never exceeds the bound. No branch on tensor
+        values: no device-to-host synchronisation per forward.
         """
-        trained_A, frozen_A = self.effective_A(lora_A), self.frozen_A
-        if self.max_leakage is None or self.leak_values.numel() == 0:
+        trained_A, frozen_A = self.effective_A(lora_A), self.frozen_A.float()
+        if self.leakage_bound is None or self.leak_values.numel() == 0:
             return trained_A, frozen_A
         with torch.no_grad():
             leakage = self.leakage(trained_A, frozen_A, lora_B, scaling)
-            allowed = self.max_leakage * self.output_energy
-            shrink = 1.0 - torch.sqrt(allowed / leakage).clamp(max=1.0) if leakage > allowed else None
-        if shrink is None:
-            return trained_A, frozen_A
-        vectors = self.leak_vectors
+            allowed = self.leakage_bound * self.output_energy.float()
+            shrink = 1.0 - (allowed / leakage.clamp_min(torch.finfo(leakage.dtype).tiny)).sqrt().clamp(max=1.0)
+        vectors = self.leak_vectors.float()
         trained_A = trained_A - shrink * (trained_A @ vectors) @ vectors.T
         frozen_A = frozen_A - shrink * (frozen_A @ vectors) @ vectors.T
         return trained_A, frozen_A
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
+        """Adapters saved by peft-safety 0.1 have no ``input_scale`` (ones: their factors were applied as they are)
+        and no certificate buffers: load them with one clear warning instead of PEFT's missing-key list."""
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
+        legacy = [prefix + name for name in LEGACY_BUFFERS if prefix + name not in state_dict]
+        if legacy and prefix + "frozen_A" in state_dict:
+            for key in legacy:
+                if key in missing_keys:
+                    missing_keys.remove(key)
+            warnings.warn(
+                "This GuardSpace adapter was saved by peft-safety 0.1: it loads and computes as before, but it holds "
+                "no leakage certificate (guardspace_report shows NaN) and max_calibration_leakage cannot be enforced. "
+                "Re-create the adapter from its statistics to get both.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _apply(self, fn, recurse: bool = True):
         """Move the buffers with the model but keep them float32: ``model.to(torch.bfloat16)`` would otherwise round
@@ -150,7 +173,7 @@ class GuardSpaceVariant(lora_layer.LoraVariant):
         trained_A, frozen_A = state.input_factors(
             module.lora_A[adapter_name].weight, lora_B, module.scaling[adapter_name]
         )
-        return trained_A, frozen_A, lora_B, state.frozen_B
+        return trained_A, frozen_A, lora_B, state.frozen_B.float()
 
     @staticmethod
     def merge_safe(module: GuardSpaceLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -186,7 +209,7 @@ class GuardSpaceVariant(lora_layer.LoraVariant):
             projected_A, frozen_A = state.input_factors(lora_A, lora_B, scaling)
             dropped = dropout(x).float()
             trained = F.linear(F.linear(dropped, projected_A), lora_B.float())
-            offset = F.linear(F.linear(dropped, frozen_A), state.frozen_B)
+            offset = F.linear(F.linear(dropped, frozen_A), state.frozen_B.float())
         return result + ((trained - offset) * scaling).to(result.dtype)
 
 

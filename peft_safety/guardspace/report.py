@@ -78,15 +78,20 @@ class GuardSpaceReport:
         values = [layer.heldout_leakage for layer in self.layers if layer.heldout_leakage is not None]
         return max(values) if values else None
 
+    def certificate(self) -> dict:
+        """``{"total": ..., "layers": {name: leakage}}`` as saved with adapters (``None`` where unknown)."""
+        layers = {layer.name: _finite(layer.leakage) for layer in self.layers}
+        return {"total": _finite(self.total_leakage), "layers": layers}
+
     def to_dict(self) -> dict:
         return {
             "adapter_name": self.adapter_name,
             "dead_layers": self.dead_layers,
-            "total_leakage": self.total_leakage,
-            "max_leakage": self.max_leakage,
+            "total_leakage": _finite(self.total_leakage),
+            "max_leakage": _finite(self.max_leakage),
             "max_heldout_leakage": self.max_heldout_leakage,
             "layers": [
-                {**asdict(layer), "singular_values": list(layer.singular_values), "leakage": layer.leakage}
+                {**asdict(layer), "singular_values": list(layer.singular_values), "leakage": _finite(layer.leakage)}
                 for layer in self.layers
             ],
         }
@@ -112,8 +117,13 @@ class GuardSpaceReport:
         return "\n".join(lines)
 
 
+def _finite(value: float) -> float | None:
+    """JSON-safe: NaN (no certificate, e.g. an adapter saved before it existed) becomes ``None``."""
+    return None if math.isnan(value) else value
+
+
 @torch.no_grad()
-def calibration_leakage(layer: nn.Module, adapter_name: str) -> float:
+def leakage_energy(layer: nn.Module, adapter_name: str) -> float:
     """``tr(dW C dW^T)`` of ``adapter_name`` in ``layer`` (a GuardSpace layer), from its stored eigenpairs."""
     from .layer import GuardSpaceVariant
 
@@ -123,23 +133,60 @@ def calibration_leakage(layer: nn.Module, adapter_name: str) -> float:
 
 
 @torch.no_grad()
-def heldout_leakage(layer: nn.Module, adapter_name: str, covariance: torch.Tensor) -> float:
-    """``tr(dW C' dW^T) / tr(W C' W^T)`` for a second moment ``C'`` (``(n, n)``) of other inputs of ``layer``."""
-    from .initialization import _float_weight
+def heldout_leakage(layer: nn.Module, adapter_name: str, covariance: torch.Tensor, energy: float) -> float:
+    """``tr(dW C' dW^T) / energy`` for a second moment ``C'`` (``(n, n)``) of other inputs of ``layer``.
+
+    Through the rank-``2r`` factors ``dW = s [B, B0] [A_eff P; -A0_eff P]``:
+    ``tr(dW C' dW^T) = s^2 tr((B'^T B') (A'' C' A''^T))``, ``O(r n^2 + r^2 m)``. ``energy`` is ``tr(W C' W^T)``.
+    """
     from .layer import GuardSpaceVariant
 
+    trained_A, frozen_A, lora_B, frozen_B = GuardSpaceVariant.factors(layer, adapter_name)
+    stacked_A = torch.cat([trained_A, -frozen_A]).double()  # (2r, n)
+    stacked_B = torch.cat([lora_B, frozen_B], dim=1).double()  # (m, 2r)
+    inner = stacked_A @ covariance.to(stacked_A.device, torch.float64) @ stacked_A.T
+    moved = layer.scaling[adapter_name] ** 2 * float((stacked_B.T @ stacked_B * inner).sum())
+    return moved / energy if energy > 0 else math.nan
+
+
+def _base_energy(layer: nn.Module, covariance: torch.Tensor) -> float:
+    """``tr(W C' W^T)`` of the (unmerged, dequantised) base weight."""
+    from .initialization import _float_weight
+
     weight = _float_weight(layer)
-    delta = GuardSpaceVariant.delta_weight(layer, adapter_name)
-    delta = delta.T if layer.fan_in_fan_out else delta
-    covariance = covariance.to(weight.device)
-    energy = float(output_energy(weight, covariance))
-    return float(output_energy(delta, covariance)) / energy if energy > 0 else math.nan
+    return float(output_energy(weight, covariance.to(weight.device)))
+
+
+def _adapted_root(model: nn.Module) -> nn.Module:
+    """The transformers model inside a ``PeftModel`` or ``LoraModel`` (module names then match the statistics)."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraModel
+
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    return model.model if isinstance(model, LoraModel) else model
+
+
+def is_sharded(model: nn.Module, adapter_name: str) -> bool:
+    """Whether ``adapter_name``'s live weights are shards (ZeRO-3 / FSDP): no certificate can be read from them."""
+    return any(param.numel() == 0 for key, param in model.named_parameters() if f".{adapter_name}." in key)
+
+
+def _heldout_energies(statistics: SafetyStatistics | None) -> dict[str, float]:
+    """Per-module ``tr(W C' W^T)`` of ``statistics``, cached on the statistics object: the base weight does not
+    change while an adapter trains, so a callback pays the ``O(m n^2)`` product once per layer."""
+    if statistics is None:
+        return {}
+    if not hasattr(statistics, "_base_energies"):
+        statistics._base_energies = {}
+    return statistics._base_energies
 
 
 def guardspace_report(
     model: nn.Module, adapter_name: str = "default", heldout_statistics: SafetyStatistics | None = None
 ) -> GuardSpaceReport:
-    """Report of ``adapter_name`` on a ``PeftModel`` (or its tuner / base model), one row per GuardSpace layer.
+    """Report of ``adapter_name`` on a ``PeftModel`` (or its ``LoraModel``, or the adapted model), one row per
+    GuardSpace layer.
 
     Args:
         model: the model holding the GuardSpace adapter.
@@ -149,11 +196,11 @@ def guardspace_report(
             change on them, ``tr(dW C' dW^T) / tr(W C' W^T)``.
     """
     rows = []
-    for name, module in model.named_modules():
+    energies = _heldout_energies(heldout_statistics)
+    for target, module in _adapted_root(model).named_modules():
         if adapter_name not in getattr(module, "lora_guard", ()):
             continue
         state = module.lora_guard[adapter_name]
-        target = name.removeprefix("base_model.model.")
         heldout = None
         if heldout_statistics is not None:
             if target not in heldout_statistics.site_of:
@@ -161,7 +208,15 @@ def guardspace_report(
                     f"The held-out statistics do not cover '{target}'; collect them with the adapter's "
                     "target_modules on the same model."
                 )
-            heldout = heldout_leakage(module, adapter_name, heldout_statistics.covariance(target))
+            if adapter_name in getattr(module, "merged_adapters", ()):
+                raise ValueError(
+                    f"'{target}' has adapter '{adapter_name}' merged into its weight: unmerge it "
+                    "(peft_model.unmerge_adapter()) before reporting the held-out leakage."
+                )
+            covariance = heldout_statistics.covariance(target)
+            if target not in energies:
+                energies[target] = _base_energy(module, covariance)
+            heldout = heldout_leakage(module, adapter_name, covariance, energies[target])
         rows.append(
             LayerReport(
                 name=target,
@@ -171,7 +226,7 @@ def guardspace_report(
                 null_dim=state.null_dim,
                 leaking_dims=state.leak_values.numel(),
                 singular_values=tuple(float(v) for v in state.singular_values),
-                leakage_energy=calibration_leakage(module, adapter_name),
+                leakage_energy=leakage_energy(module, adapter_name),
                 output_energy=float(state.output_energy),
                 heldout_leakage=heldout,
             )
