@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from .._device import input_device
 from .._prompts import prompt_texts, uses_chat_template
 from .judges import Judge, KeywordJudge, judge_name
 
@@ -113,7 +114,7 @@ def generate_responses(
     encoded = format_prompts(tokenizer, prompts, chat_template, system_prompt)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     pad_id = _pad_id(tokenizer)
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embedding's device, also for ``device_map`` models
     was_training = model.training
     model.eval()
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
