@@ -139,9 +139,11 @@ def load_model(args: argparse.Namespace):
 
 
 def _load_adapter(model, path: str, adapter_name: str = "default"):
-    from peft import PeftModel
+    from peft import PeftModel  # importing peft registers GuardSpace with it (see peft_safety/__init__.py)
 
-    from . import _peft_compat  # noqa: F401  (importing peft_safety registers GuardSpace with PEFT)
+    from . import _register_with_peft
+
+    _register_with_peft()  # idempotent: explicit, so that loading never depends on import order
 
     return PeftModel.from_pretrained(model, path, adapter_name=adapter_name).eval()
 
