@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         "merge",
         help="SOMF: fuse LoRA adapters with a safety mask learned on safety data",
         description="Load adapters on the base model, learn a SOMF safety mask on --safety-data "
-        "(prompt/chosen/rejected or prompt/completion rows) and save the fused adapter.",
+        "(prompt/chosen/rejected, prompt/completion or messages rows) and save the fused adapter.",
     )
     _model_arguments(merge)
     merge.add_argument("--adapters", required=True, nargs="+", help="adapter folders to fuse")

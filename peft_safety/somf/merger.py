@@ -63,9 +63,9 @@ class SOMFMerger:
         )
         if safety_data is not None or adapter_name is None:
             columns = PREFERENCE_COLUMNS if self.config.objective == "dpo" else COMPLETION_COLUMNS
-            check_data(safety_data, columns, "safety_data")
+            check_data(safety_data, columns, "safety_data", allow_messages=self.config.objective == "sft")
         if retain_data is not None:
-            check_data(retain_data, COMPLETION_COLUMNS, "retain_data", allow_text=True)
+            check_data(retain_data, COMPLETION_COLUMNS, "retain_data", allow_text=True, allow_messages=True)
         return lora_model, combination, sites
 
     def _fusion(self, sites, adapters, weights, combination, density, majority, config: dict) -> MaskedFusion:
