@@ -277,6 +277,8 @@ def collect_safety_statistics(
 
     def _accumulate(site: str, x: torch.Tensor) -> None:
         counted = state["counted"]
+        if counted.device != x.device:  # a layer of a ``device_map`` model on another device than the embedding
+            counted = counted.to(x.device)
         if not torch.isfinite(x[counted]).all():
             raise ValueError(
                 f"NaN or Inf in the input of '{site}' on prompt batch {state['batch']}: the model produces "

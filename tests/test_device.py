@@ -121,7 +121,7 @@ def test_cuda_statistics_guardspace_init_train_and_merge(tokenizer, cuda_llama):
     with torch.no_grad():
         adapted = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         merged = model.merge_and_unload()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged, adapted, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.cuda
@@ -153,3 +153,34 @@ def test_cuda_evaluation(tokenizer, cuda_llama):
     assert len(answers) == 2
     result = harmful_score(cuda_llama, tokenizer, HARMFUL_PROMPTS[:2], max_new_tokens=3, show_progress=False)
     assert 0.0 <= result.score <= 1.0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpu_device_map_statistics_somf_and_generation(tokenizer, tmp_path):
+    """A model split over two GPUs with ``device_map``: inputs go to the embedding's GPU, every layer's statistics
+    and fused adapter stay on its own GPU."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    make_llama(tokenizer).save_pretrained(tmp_path)
+    device_map = {
+        "model.embed_tokens": 0,
+        "model.rotary_emb": 0,
+        "model.layers.0": 0,
+        "model.layers.1": 1,
+        "model.norm": 1,
+        "lm_head": 1,
+    }
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device_map)
+    assert input_device(model) == torch.device("cuda", 0)
+    stats = collect_safety_statistics(model, tokenizer, HARMFUL_PROMPTS, LLAMA_TARGETS, show_progress=False)
+    assert stats.num_tokens > 0
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=LLAMA_TARGETS), adapter_name="a")
+    peft_model.add_adapter("b", LoraConfig(r=2, target_modules=LLAMA_TARGETS, init_lora_weights=False))
+    config = SOMFConfig(max_steps=1, eval_batches=1, batch_size=2, progress_bar=False)
+    peft_model.merge_with_safety_mask(["a", "b"], [1.0, 1.0], "merged", PAIRS, tokenizer, config=config)
+    devices = {p.device for n, p in peft_model.named_parameters() if ".merged." in n}
+    assert devices == {torch.device("cuda", 0), torch.device("cuda", 1)}
+    answers = generate_responses(peft_model, tokenizer, HARMFUL_PROMPTS[:2], max_new_tokens=2, show_progress=False)
+    assert len(answers) == 2
