@@ -9,7 +9,7 @@ from conftest import BENIGN_TEXTS, HARMFUL_PROMPTS, LLAMA_TARGETS, encode, make_
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from peft_safety import GuardSpaceConfig, SOMFConfig, SOMFMerger, collect_safety_statistics
+from peft_safety import GuardSpaceConfig, SOMFConfig, SOMFMerger, collect_safety_statistics, guardspace_report
 from peft_safety._device import input_device, seeded_rng, to_device
 from peft_safety.evaluation import generate_responses, harmful_score
 from peft_safety.somf.combinations import get_combination
@@ -118,9 +118,16 @@ def test_cuda_statistics_guardspace_init_train_and_merge(tokenizer, cuda_llama):
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    assert guardspace_report(model).layers  # leakage certificate from the CUDA buffers
     with torch.no_grad():
-        adapted = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        merged = model.merge_and_unload()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        adapted = model(**inputs).logits
+        model.add_weighted_adapter(["default"], [1.0], "plain", combination_type="cat")  # exact export, via SOMF
+        model.set_adapter("plain")
+        exported = model(**inputs).logits
+        model.set_adapter("default")
+        merged = model.merge_and_unload(adapter_names=["default"])(**inputs).logits
+    torch.testing.assert_close(exported, adapted, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(merged, adapted, rtol=1e-3, atol=1e-3)
 
 
