@@ -20,9 +20,10 @@ already happened. peft_safety calls it when it collects statistics on a model an
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported when a model is handled, not when ``peft_safety`` is (fast CLI start-up)
+    from torch import nn
 
 _BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 _KERNEL_HINT = "Failed to load CPU gemm_4bit_forward"
@@ -53,6 +54,7 @@ def _unpack(module: nn.Module) -> None:
     """Put a packed ``Linear4bit`` weight back into bitsandbytes' usual layout (bitsandbytes' own inverse, then the
     scales of a layer without double quantisation, which that inverse leaves transposed in bfloat16)."""
     import bitsandbytes as bnb
+    import torch
 
     weight = module.weight
     weight.data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)

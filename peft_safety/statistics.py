@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._bnb_cpu import disable_bnb_cpu_packing
+from ._device import input_device
 from ._prompts import prompt_texts, uses_chat_template
 from ._targets import resolve_target_modules, weight_shape
 
@@ -232,7 +233,8 @@ def collect_safety_statistics(
         normalization: ``"none"`` or ``"prompt_max"`` (the paper's code: divide each prompt's inputs by their
             largest absolute entry before accumulating).
         accumulate_dtype: ``torch.float64`` (default) or ``torch.float32`` (see module docstring for the bound).
-        accumulate_device: where the ``n x n`` sums live (default: the model's device; ``"cpu"`` to offload).
+        accumulate_device: where the ``n x n`` sums live (default: the device of the model's input embedding;
+            ``"cpu"`` to offload).
         show_progress: show a tqdm bar.
 
     Under ``torch.distributed`` the prompts are sharded across ranks and the sums and counts all-reduced, so every
@@ -253,7 +255,7 @@ def collect_safety_statistics(
     local = encoded[rank::world]
 
     disable_bnb_cpu_packing(model)  # 4-bit layers on CPU: compute in their compute dtype (see peft_safety._bnb_cpu)
-    device = next(model.parameters()).device
+    device = input_device(model)  # the embedding's device: ``device_map`` models spread their layers
     sum_device = torch.device(accumulate_device) if accumulate_device is not None else device
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
@@ -275,6 +277,8 @@ def collect_safety_statistics(
 
     def _accumulate(site: str, x: torch.Tensor) -> None:
         counted = state["counted"]
+        if counted.device != x.device:  # a layer of a ``device_map`` model on another device than the embedding
+            counted = counted.to(x.device)
         if not torch.isfinite(x[counted]).all():
             raise ValueError(
                 f"NaN or Inf in the input of '{site}' on prompt batch {state['batch']}: the model produces "

@@ -226,3 +226,40 @@ def test_merge_with_safety_mask(work):
     ])  # fmt: skip
     assert code == 0
     assert (out / "safe_merged" / "adapter_config.json").is_file() and (work / "masks.safetensors").is_file()
+
+
+HEAVY_MODULES = ("torch", "transformers", "peft")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["merge", "--help"], ["--version"]])
+def test_help_and_version_import_no_heavy_module(argv):
+    """``--help`` answers without importing torch, transformers or peft (they take seconds to import)."""
+    code = (
+        "import sys\n"
+        "from peft_safety.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print([name for name in {HEAVY_MODULES!r} if name in sys.modules])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout
+
+
+def test_import_registers_with_peft_whatever_the_import_order():
+    """``import peft_safety`` registers GuardSpace with PEFT: at once when peft is loaded, else when it is; a
+    ``find_spec("peft")`` availability check (as transformers does) in between does not lose the registration."""
+    check = "from peft.tuners.lora import LoraModel; print(getattr(LoraModel, '_peft_safety_installed', False))"
+    orders = [
+        "import peft; import peft_safety",
+        "import peft_safety; import importlib.util; importlib.util.find_spec('peft'); import peft",
+        "from peft_safety import GuardSpaceConfig",
+    ]
+    for order in orders:
+        done = subprocess.run(
+            [sys.executable, "-c", f"{order}; {check}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == "True", order

@@ -265,3 +265,22 @@ def test_results_json_and_plots(tmp_path, tokenizer, llama):
     report = {"adapter_name": "default", "layers": layers}
     plot_null_space(report, tmp_path / "null.png")
     assert (tmp_path / "null.png").stat().st_size > 1000
+
+
+def test_evaluation_modules_import_without_a_cycle():
+    """``metrics`` uses ``judges``, both use ``generation``; neither ``judges`` nor ``generation`` imports back."""
+    import ast
+    import os
+
+    import peft_safety.evaluation as evaluation
+
+    folder = os.path.dirname(evaluation.__file__)
+
+    def imported(module: str) -> set[str]:
+        with open(os.path.join(folder, f"{module}.py"), encoding="utf-8") as handle:
+            tree = ast.parse(handle.read())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+    assert imported("judges") & {"metrics"} == set()
+    assert imported("generation") & {"metrics", "judges"} == set()
+    assert {"generation", "judges"} <= imported("metrics")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_llama
 
 from peft_safety.somf.combinations import COMBINATIONS, get_combination
 from peft_safety.somf.data import encode, encode_rows
@@ -120,3 +121,68 @@ def test_datasets_dataset_is_accepted(tokenizer):
     data = datasets.Dataset.from_list([{"prompt": "a", "chosen": "b"}])
     with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected'\]"):
         check_data(data, ("prompt", "chosen", "rejected"), "safety_data")
+
+
+def _templated(tokenizer):
+    """A copy of the test tokenizer with a small chat template (each turn: ``<s> role content``)."""
+    templated = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="</s>", pad_token="<pad>")
+    templated.chat_template = (
+        "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant {% endif %}"
+    )
+    return templated
+
+
+MESSAGES_ROW = {
+    "messages": [
+        {"role": "system", "content": "Add seven and five"},
+        {"role": "user", "content": "What is the capital"},
+        {"role": "assistant", "content": "of France"},
+    ]
+}
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_messages_rows_encode_as_prompt_and_last_assistant_turn(tokenizer, chat_template):
+    tok = _templated(tokenizer) if chat_template else tokenizer
+    [(ids, labels)] = encode_rows(tok, [MESSAGES_ROW], "completion", 64)[0]
+    prompt, answer = MESSAGES_ROW["messages"][:2], [MESSAGES_ROW["messages"][2]]
+    assert (ids, labels) == encode(tok, prompt, answer, 64)
+    answer_ids = tok("of France", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert [label for label in labels if label != -100] == answer_ids
+    if chat_template:  # both prompt turns rendered by the template, then its generation prompt
+        rendered = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        assert ids[: -len(answer_ids)] == tok(rendered, add_special_tokens=False)["input_ids"]
+        assert rendered.count("<s>") == 3
+
+
+def test_messages_rows_are_checked_before_any_work():
+    from peft_safety.somf.data import check_data
+
+    check_data([MESSAGES_ROW], ("prompt", "completion"), "retain_data", allow_messages=True)
+    no_answer = {"messages": MESSAGES_ROW["messages"][:2]}
+    with pytest.raises(ValueError, match=r"retain_data\[1\]: 'messages' must end with the assistant's answer"):
+        check_data([MESSAGES_ROW, no_answer], ("prompt", "completion"), "retain_data", allow_messages=True)
+    with pytest.raises(ValueError, match=r"retain_data\[0\]: 'messages' must be a list"):
+        check_data([{"messages": "hi"}], ("prompt", "completion"), "retain_data", allow_messages=True)
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['prompt', 'chosen', 'rejected'\]"):
+        check_data([MESSAGES_ROW], ("prompt", "chosen", "rejected"), "safety_data")  # DPO needs pairs
+
+
+def test_somf_fit_accepts_messages_for_refusal_sft_and_retain_data(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from peft_safety import SOMFConfig, SOMFMerger
+
+    tok = _templated(tokenizer)
+    peft_model = get_peft_model(make_llama(tokenizer), LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="x")
+    peft_model.add_adapter("y", LoraConfig(r=2, target_modules=["q_proj"]))
+    refusals = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "I'm sorry"}]}
+        for p in ("How do I build a bomb at home", "Explain how to steal a car without keys")
+    ]
+    config = SOMFConfig(objective="sft", max_steps=1, eval_batches=1, batch_size=2, progress_bar=False)
+    masks = SOMFMerger(config).fit(peft_model, ["x", "y"], refusals, tok, retain_data=[MESSAGES_ROW])
+    assert math.isfinite(masks.history["safety_loss_deployed"])
+    with pytest.raises(ValueError, match="missing column"):  # the DPO objective needs preference pairs
+        SOMFMerger(SOMFConfig(max_steps=1)).fit(peft_model, ["x", "y"], refusals, tok)

@@ -3,6 +3,7 @@
 ``SafetyMonitorCallback`` needs ``transformers``' Trainer machinery and is imported lazily.
 """
 
+from .generation import format_prompts, generate_responses
 from .judges import (
     DEFAULT_REFUSAL_PHRASES,
     ClassifierJudge,
@@ -16,8 +17,6 @@ from .metrics import (
     EvaluationResult,
     answer_matches,
     extract_final_number,
-    format_prompts,
-    generate_responses,
     harmful_score,
     load_results,
     over_refusal_rate,

@@ -22,6 +22,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from .generation import generate_responses
+
 #: Phrases that mark a refusal. Matching is case-insensitive, curly apostrophes are normalised to ``'``, and a
 #: response that contains any phrase (anywhere, unless ``KeywordJudge(search_chars=...)`` limits the window) is a
 #: refusal. The list covers the stock refusals of instruction-tuned chat models ("I'm sorry, but I can't ...",
@@ -306,8 +308,6 @@ class GuardModelJudge:
         return self.template.format(prompt=prompt, response=response)
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        from .metrics import generate_responses
-
         _check_lengths(prompts, responses)
         texts = [self.render(p, r) for p, r in zip(prompts, responses, strict=True)]
         outputs = generate_responses(

@@ -14,10 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import torch
-from tqdm.auto import tqdm
-
 from .._prompts import prompt_texts, uses_chat_template
+from .generation import format_prompts, generate_responses  # noqa: F401 (format_prompts: re-exported, as before)
 from .judges import Judge, KeywordJudge, judge_name
 
 MatchMode = Literal["exact", "label", "regex", "number"]
@@ -58,99 +56,6 @@ class EvaluationResult:
 
     def __repr__(self) -> str:
         return f"EvaluationResult(metric={self.metric!r}, score={self.score:.4f}, num_prompts={self.num_prompts})"
-
-
-def format_prompts(
-    tokenizer: Any, prompts: Sequence[str], chat_template: bool | None = None, system_prompt: str | None = None
-) -> list[list[int]]:
-    """Token ids of each prompt: a user turn plus the generation prompt in the chat template, or the raw text."""
-    templated = uses_chat_template(tokenizer, chat_template)
-    encoded = []
-    for prompt in prompts:
-        if templated:
-            chat = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-                {"role": "user", "content": prompt}
-            ]
-            text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            text = f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
-            ids = tokenizer(text)["input_ids"]
-        if not ids:
-            raise ValueError(f"Prompt {prompt!r} tokenises to no token.")
-        encoded.append(list(ids))
-    return encoded
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
-
-
-@torch.no_grad()
-def generate_responses(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 64,
-    batch_size: int = 8,
-    chat_template: bool | None = None,
-    system_prompt: str | None = None,
-    show_progress: bool = True,
-    desc: str = "Generating",
-) -> list[str]:
-    """Greedy answers to ``prompts``, generated ``batch_size`` at a time with left padding.
-
-    Prompts are grouped by length (less padding) and answers returned in the input order. The model is put in
-    eval mode for the call and its training mode restored afterwards, so this is safe inside a training loop.
-    The tokenizer is not modified (no pad token is needed: padding is done here and masked).
-    """
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"`max_new_tokens` and `batch_size` must be positive, got {max_new_tokens}, {batch_size}.")
-    encoded = format_prompts(tokenizer, prompts, chat_template, system_prompt)
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    pad_id = _pad_id(tokenizer)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = getattr(tokenizer, "eos_token_id", None)
-    answers: list[str] = [""] * len(encoded)
-    try:
-        bar = tqdm(total=len(encoded), desc=desc, disable=not show_progress, leave=False)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, index in enumerate(rows):
-                ids = encoded[index]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention[row, width - len(ids) :] = 1
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad_id,
-                eos_token_id=eos,
-            )
-            new_tokens = output[:, width:].cpu()
-            for row, index in enumerate(rows):
-                answers[index] = tokenizer.decode(new_tokens[row], skip_special_tokens=True).strip()
-            bar.update(len(rows))
-        bar.close()
-    finally:
-        model.train(was_training)
-    return answers
 
 
 def _judged(

@@ -5,6 +5,9 @@ Accepted formats (``list[dict]`` or ``datasets.Dataset``):
 * preference (DPO): ``{"prompt": str, "chosen": str, "rejected": str}``, or conversational
   ``{"prompt": [{"role": "user", "content": ...}], "chosen": [{"role": "assistant", ...}], "rejected": [...]}``;
 * prompt-completion (refusal SFT, retain data): ``{"prompt": ..., "completion": ...}`` (strings or messages);
+* conversational (refusal SFT, retain data): ``{"messages": [{"role": "user", "content": ...}, ...,
+  {"role": "assistant", "content": ...}]}``: the last turn, an assistant turn, is the completion and the turns
+  before it the prompt;
 * language modelling (retain data only): ``{"text": str}``.
 
 With a chat template the prompt is rendered with ``add_generation_prompt=True`` and the response follows it;
@@ -24,6 +27,10 @@ EXAMPLES = {
     PREFERENCE_COLUMNS: '{"prompt": "How do I ...?", "chosen": "I can\'t help with that.", "rejected": "Sure, ..."}',
     COMPLETION_COLUMNS: '{"prompt": "How do I ...?", "completion": "I can\'t help with that."}',
 }
+MESSAGES_EXAMPLE = (
+    '{"messages": [{"role": "user", "content": "How do I ...?"}, '
+    '{"role": "assistant", "content": "I can\'t help with that."}]}'
+)
 
 
 def _columns(data: Any) -> list[str]:
@@ -35,18 +42,30 @@ def _columns(data: Any) -> list[str]:
     return list(first.keys())
 
 
-def check_data(data: Any, columns: Sequence[str], name: str, allow_text: bool = False) -> None:
-    """Raise ``ValueError`` if ``data`` is empty or lacks one of ``columns`` (naming it, with the expected format)."""
+def check_data(
+    data: Any, columns: Sequence[str], name: str, allow_text: bool = False, allow_messages: bool = False
+) -> None:
+    """Raise ``ValueError`` if ``data`` is empty or lacks one of ``columns`` (naming it, with the expected format).
+
+    ``allow_text`` / ``allow_messages``: a ``text`` / ``messages`` column replaces ``columns`` (each ``messages``
+    row of a list is checked with :func:`split_messages`).
+    """
+    alternatives = (f" or {MESSAGES_EXAMPLE}" if allow_messages else "") + (' or {"text": ...}' if allow_text else "")
     if data is None or len(data) == 0:
-        raise ValueError(f"{name} is empty; expected rows like {EXAMPLES[tuple(columns)]}.")
+        raise ValueError(f"{name} is empty; expected rows like {EXAMPLES[tuple(columns)]}{alternatives}.")
     present = _columns(data)
     if allow_text and "text" in present:
+        return
+    if allow_messages and "messages" in present:
+        if not hasattr(data, "column_names"):
+            for index, row in enumerate(data):
+                split_messages(row.get("messages"), f"{name}[{index}]")
         return
     missing = [column for column in columns if column not in present]
     if missing:
         raise ValueError(
             f"{name} is missing column(s) {missing} (found {present}); expected TRL's format, rows like "
-            f"{EXAMPLES[tuple(columns)]}" + (' or {"text": ...}.' if allow_text else ".")
+            f"{EXAMPLES[tuple(columns)]}{alternatives}."
         )
     if not hasattr(data, "column_names"):
         for index, row in enumerate(data):
@@ -55,6 +74,25 @@ def check_data(data: Any, columns: Sequence[str], name: str, allow_text: bool = 
                 raise ValueError(
                     f"{name}[{index}] is missing column(s) {absent}; expected {EXAMPLES[tuple(columns)]}."
                 )
+
+
+def split_messages(messages: Any, where: str = "row") -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(prompt turns, [last turn])`` of a TRL ``messages`` list whose last turn is the assistant's answer.
+
+    Raises:
+        ValueError: unless ``messages`` is a list of ``{"role", "content"}`` dicts ending with an assistant turn
+            that follows at least one other turn.
+    """
+    if not isinstance(messages, (list, tuple)) or not all(
+        isinstance(message, dict) and "role" in message and "content" in message for message in messages
+    ):
+        raise ValueError(f"{where}: 'messages' must be a list of {{'role': ..., 'content': ...}} dicts.")
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise ValueError(
+            f"{where}: 'messages' must end with the assistant's answer after at least one prompt turn "
+            f"(roles found: {[message['role'] for message in messages]}); expected {MESSAGES_EXAMPLE}."
+        )
+    return list(messages[:-1]), [messages[-1]]
 
 
 def _text(value: Any) -> str:
@@ -86,13 +124,16 @@ def encode(tokenizer, prompt: Any, response: Any, max_length: int) -> tuple[list
 
 def encode_rows(tokenizer, data: Any, kind: str, max_length: int) -> list[list[tuple[list[int], list[int]]]]:
     """Tokenize every row. ``kind``: ``"preference"`` gives ``[chosen, rejected]`` per row, ``"completion"``
-    gives ``[completion]`` (a ``text`` row is all labels)."""
+    gives ``[completion]`` (a ``messages`` row's last turn is the completion; a ``text`` row is all labels)."""
     rows = []
     for row in data:
         if kind == "preference":
             rows.append([encode(tokenizer, row["prompt"], row[c], max_length) for c in ("chosen", "rejected")])
         elif "prompt" in row and "completion" in row:
             rows.append([encode(tokenizer, row["prompt"], row["completion"], max_length)])
+        elif row.get("messages") is not None:
+            prompt, completion = split_messages(row["messages"])
+            rows.append([encode(tokenizer, prompt, completion, max_length)])
         else:
             ids = tokenizer(row["text"])["input_ids"][:max_length]
             rows.append([(ids, list(ids))])

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .._device import seeded_rng
 from .combinations import Combination
 from .masks import mask_key
 from .relaxed import concrete_masked
@@ -102,12 +103,30 @@ class MaskedFusion:
                     shapes[mask_key(site.name, side, owner)] = tuple(getattr(factors, f"lora_{side}").shape)
         return shapes
 
+    def logit_devices(self) -> dict[str, torch.device]:
+        """Device of each logit tensor: that of the LoRA factors it masks (sites may sit on different devices)."""
+        devices: dict[str, torch.device] = {}
+        for site in self.sites:
+            device = next(iter(site.factors.values())).lora_A.device
+            for side in ("A", "B"):
+                for owner in [None] if self.shared else self.adapters:
+                    devices[mask_key(site.name, side, owner)] = device
+        return devices
+
     def init_logits(self, value: float) -> dict[str, nn.Parameter]:
-        """Fresh trainable logits, all equal to ``value``."""
-        shapes = self.logit_shapes()
-        self.logits = {key: nn.Parameter(torch.full(shape, float(value))) for key, shape in shapes.items()}
+        """Fresh trainable logits, all equal to ``value``, each on the device of the factors it masks."""
+        shapes, devices = self.logit_shapes(), self.logit_devices()
+        self.logits = {
+            key: nn.Parameter(torch.full(shape, float(value), device=devices[key])) for key, shape in shapes.items()
+        }
         self._key_index = {key: index for index, key in enumerate(shapes)}
         return self.logits
+
+    def set_deployed(self, masks: dict[str, torch.Tensor]) -> None:
+        """Use ``masks`` (``{key: tensor}``, e.g. :meth:`SafetyMasks.final`, on any device) as the deployed masks,
+        each moved to the device of the factors it masks."""
+        devices = self.logit_devices()
+        self.deployed = {key: mask.to(devices.get(key, mask.device)) for key, mask in masks.items()}
 
     def _apply_mask(self, values: torch.Tensor, key: str, mode: str, noise_seed: int) -> torch.Tensor:
         """``values`` under ``mode``: unchanged, times the deployed mask, or times a relaxed sample (each divided by
@@ -149,8 +168,7 @@ class MaskedFusion:
             ]
             weights = self.combination.side_weights(self.weights, scalings, side)
             if self.combination.random:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(noise_seed * 100_003 + 2 * site_index + side_index)
+                with seeded_rng(noise_seed * 100_003 + 2 * site_index + side_index, tasks[0].device):
                     merged = self.combination.combine(tasks, weights, self.density, side, self.majority)
             else:
                 merged = self.combination.combine(tasks, weights, self.density, side, self.majority)
@@ -180,8 +198,7 @@ class MaskedFusion:
         else:  # pick entries on the masked tasks, then project each adapter's picked part
             with torch.no_grad():
                 tasks = [sum(scale * masked for masked, scale, _ in terms) for terms in parts]
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(noise_seed * 100_003 + 2 * site_index)
+            with seeded_rng(noise_seed * 100_003 + 2 * site_index, tasks[0].device):
                 coefficients = self.combination.coefficients(tasks, weights, self.density, self.majority)
             merged = sum(
                 scale * owner.project(coefficient * masked)
@@ -198,8 +215,7 @@ class MaskedFusion:
         """``combination.combine`` with the DARE drops seeded from ``(noise_seed, site, side)``."""
         if not self.combination.random:
             return self.combination.combine(tasks, weights, self.density, side, self.majority)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(noise_seed * 100_003 + 2 * site_index + side_index)
+        with seeded_rng(noise_seed * 100_003 + 2 * site_index + side_index, tasks[0].device):
             return self.combination.combine(tasks, weights, self.density, side, self.majority)
 
     @staticmethod
@@ -252,11 +268,11 @@ class MaskedFusion:
                 delta = checkpoint(self._delta, x, site, index, self.mode, self.noise_seed, use_reentrant=False)
             else:
                 delta = self._delta(x, site, index, self.mode, self.noise_seed)
-            return output + delta.to(output.dtype)
+            return output + delta.to(device=output.device, dtype=output.dtype)
 
         return hook
 
     def _delta(self, x: torch.Tensor, site: Site, index: int, mode: str, noise_seed: int) -> torch.Tensor:
         """``x A^T B^T`` for the fused ``(A, B)`` at ``site``; ``x`` is ``(..., n)``, the result ``(..., m)``."""
         lora_A, lora_B = self.fused_factors(site, index, mode, noise_seed)
-        return F.linear(F.linear(x.to(lora_A.dtype), lora_A), lora_B)
+        return F.linear(F.linear(x.to(device=lora_A.device, dtype=lora_A.dtype), lora_A), lora_B)

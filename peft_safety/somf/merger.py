@@ -13,6 +13,7 @@ import torch.distributed as dist
 from peft.tuners.lora import LoraModel
 from tqdm.auto import tqdm
 
+from .._device import input_device, to_device
 from .combinations import Combination
 from .config import SOMFConfig
 from .data import COMPLETION_COLUMNS, PREFERENCE_COLUMNS, check_data, collate, encode_rows, pad_id
@@ -62,9 +63,9 @@ class SOMFMerger:
         )
         if safety_data is not None or adapter_name is None:
             columns = PREFERENCE_COLUMNS if self.config.objective == "dpo" else COMPLETION_COLUMNS
-            check_data(safety_data, columns, "safety_data")
+            check_data(safety_data, columns, "safety_data", allow_messages=self.config.objective == "sft")
         if retain_data is not None:
-            check_data(retain_data, COMPLETION_COLUMNS, "retain_data", allow_text=True)
+            check_data(retain_data, COMPLETION_COLUMNS, "retain_data", allow_text=True, allow_messages=True)
         return lora_model, combination, sites
 
     def _fusion(self, sites, adapters, weights, combination, density, majority, config: dict) -> MaskedFusion:
@@ -133,7 +134,7 @@ class SOMFMerger:
                 losses.append(total + float(penalty.detach()))
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             masks = SafetyMasks(
-                logits={key: value.detach().clone() for key, value in logits.items()},
+                logits={key: value.detach().to("cpu", copy=True) for key, value in logits.items()},
                 adapters=list(adapters),
                 config={
                     **cfg.to_dict(),
@@ -148,7 +149,8 @@ class SOMFMerger:
     def _loss(self, lora_model: LoraModel, fusion: MaskedFusion, batch: dict, mode: str) -> tuple[torch.Tensor, float]:
         """Safety loss (+ weighted retention) of one micro-batch under ``mode``; also the safety loss alone."""
         cfg, network = self.config, lora_model.model
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        device = input_device(network)
+        inputs = to_device({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, device)
         labels, n_safety = batch["labels"], batch["n_safety"]
         has_retain = labels.shape[0] > n_safety and cfg.retain_weight > 0
         ref_logps = ref_retain = None
@@ -157,12 +159,17 @@ class SOMFMerger:
             with torch.no_grad():
                 reference = network(**inputs).logits
                 if cfg.objective == "dpo":
-                    ref_logps = sequence_logps(reference[:n_safety], labels[:n_safety])
+                    ref_logps = sequence_logps(reference[:n_safety], labels[:n_safety].to(reference.device))
                 if has_retain:
                     ref_retain = reference[n_safety:].clone()
                 del reference
         fusion.mode = mode
         logits = network(**inputs).logits
+        labels = labels.to(logits.device)  # the output device of a ``device_map`` model may differ from its input's
+        if ref_logps is not None:
+            ref_logps = ref_logps.to(logits.device)
+        if ref_retain is not None:
+            ref_retain = ref_retain.to(logits.device)
         if cfg.objective == "dpo":
             pairs = n_safety // 2
             policy = sequence_logps(logits[:n_safety], labels[:n_safety])
@@ -180,7 +187,7 @@ class SOMFMerger:
     @torch.no_grad()
     def _evaluate(self, lora_model: LoraModel, fusion: MaskedFusion, batches, masks: SafetyMasks) -> dict:
         """Safety loss of the unmasked merge, of relaxed masks and of the deployed mask, on the same batches."""
-        fusion.deployed = masks.final()
+        fusion.set_deployed(masks.final())
         results: dict[str, list[float]] = {"before": [], "relaxed": [], "deployed": []}
         for index in range(self.config.eval_batches):
             batch = batches.eval_batch(index)
@@ -224,7 +231,8 @@ class SOMFMerger:
                     f"{combination.name!r} deploys them through a merge they were not trained for.",
                     stacklevel=2,
                 )
-            fusion.deployed, fusion.mode = masks.final(), "deployed"
+            fusion.set_deployed(masks.final())
+            fusion.mode = "deployed"
         with torch.no_grad():
             fused = [fusion.fused_factors(site, index) for index, site in enumerate(sites)]
         _write_adapter(lora_model, list(adapters), adapter_name, sites, fused)
@@ -259,8 +267,8 @@ def _write_adapter(lora_model: LoraModel, adapters, adapter_name, sites: list[Si
             if adapter_name not in module.lora_A:
                 raise RuntimeError(f"The merged adapter was not injected at {site.name}.")
             weight_A, weight_B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
-            weight_A.data = (lora_A / module.scaling[adapter_name]).to(weight_A.dtype).contiguous()
-            weight_B.data = lora_B.to(weight_B.dtype).contiguous()
+            weight_A.data = (lora_A / module.scaling[adapter_name]).to(weight_A.device, weight_A.dtype).contiguous()
+            weight_B.data = lora_B.to(weight_B.device, weight_B.dtype).contiguous()
             weight_A.requires_grad_(False)
             weight_B.requires_grad_(False)
     except BaseException:

@@ -63,6 +63,7 @@ def retention_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor, la
 
 def budget_penalty(logits: list[torch.Tensor], budget: float) -> torch.Tensor:
     """``relu(mean(1 - sigmoid(l)) - budget)`` over all entries: the expected reverted fraction above budget."""
-    total = sum(torch.sigmoid(-value).sum() for value in logits)
+    device = logits[0].device  # logits of a ``device_map`` model's sites may sit on several devices
+    total = sum(torch.sigmoid(-value).sum().to(device) for value in logits)
     count = sum(value.numel() for value in logits)
     return torch.relu(total / count - budget)

@@ -1,0 +1,240 @@
+"""The CLI's subcommands: ``stats``, ``merge``, ``export``, ``eval``, ``report`` (one ``cmd_*`` function each)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from .errors import UsageError, _print
+from .inputs import _pick_column, _require_file, load_prompts, read_rows
+from .models import _check_adapter_dir, _check_model_dir, _load_adapter, load_model
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    if args.exclude_bos:  # removed option: refuse it before loading anything
+        from ..statistics import EXCLUDE_BOS_REASON
+
+        raise UsageError(f"--exclude-bos is no longer supported: {EXCLUDE_BOS_REASON}")
+    _check_model_dir(args.model)
+    prompts = load_prompts(args.prompts, args.column, args.limit)
+    from ..statistics import collect_safety_statistics
+
+    model, tokenizer = load_model(args)
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    stats = collect_safety_statistics(
+        model,
+        tokenizer,
+        prompts,
+        target_modules=targets,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        chat_template={"auto": None, "yes": True, "no": False}[args.chat_template],
+        normalization=args.normalization,
+    )
+    stats.save(args.output)
+    _print(
+        f"Saved safety statistics of {len(stats.site_of)} modules ({len(stats.covariance_sums)} input sites, "
+        f"{stats.num_prompts} prompts, {stats.num_tokens} tokens) to {args.output}"
+    )
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--option {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    _check_model_dir(args.model)
+    for path in args.adapters:
+        _check_adapter_dir(path, "--adapters")
+    names = args.names or [os.path.basename(os.path.normpath(p)) for p in args.adapters]
+    if len(names) != len(args.adapters) or len(set(names)) != len(names):
+        raise UsageError("--names must give one distinct name per adapter folder")
+    weights = args.weights or [1.0] * len(names)
+    if len(weights) != len(names):
+        raise UsageError(f"--weights has {len(weights)} values for {len(names)} adapters")
+    if args.density is not None and not 0.0 < args.density <= 1.0:
+        raise UsageError(f"--density must be in (0, 1], got {args.density}")
+    safety_data = read_rows(_require_file(args.safety_data, "--safety-data"))
+    options = dict(_parse_option(o) for o in args.option)
+    try:
+        from ..somf import SOMFConfig
+    except ImportError as err:
+        raise UsageError(f"SOMF is not available in this installation of peft_safety ({err})") from err
+    try:
+        config = SOMFConfig(**options)
+    except TypeError as err:
+        raise UsageError(f"--option: {err}") from err
+    extra = {}
+    if args.retain_data:
+        extra["retain_data"] = read_rows(_require_file(args.retain_data, "--retain-data"))
+
+    model, tokenizer = load_model(args)
+    peft_model = _load_adapter(model, args.adapters[0], names[0])
+    for name, path in zip(names[1:], args.adapters[1:], strict=True):
+        peft_model.load_adapter(path, adapter_name=name)
+    masks = peft_model.merge_with_safety_mask(
+        adapters=names,
+        weights=weights,
+        adapter_name=args.adapter_name,
+        safety_data=safety_data,
+        tokenizer=tokenizer,
+        combination_type=args.combination_type,
+        density=args.density,
+        config=config,
+        **extra,
+    )
+    peft_model.save_pretrained(args.output, selected_adapters=[args.adapter_name])
+    saved = os.path.join(args.output, args.adapter_name) if args.adapter_name != "default" else args.output
+    _print(f"Saved the SOMF-merged adapter '{args.adapter_name}' of {names} to {saved}")
+    if hasattr(masks, "summary"):
+        _print(masks.summary())
+    if args.masks_output:
+        masks.save(args.masks_output)
+        _print(f"Saved the safety masks to {args.masks_output}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    _check_model_dir(args.model)
+    _check_adapter_dir(args.adapter)
+    from ..guardspace import export_to_lora
+
+    model, _ = load_model(args)
+    peft_model = _load_adapter(model, args.adapter, args.adapter_name)
+    config = export_to_lora(peft_model, args.output, adapter_name=args.adapter_name)
+    _print(f"Exported GuardSpace adapter '{args.adapter_name}' as vanilla LoRA (r={config.r}) to {args.output}")
+
+
+def _task_examples(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    path = _require_file(args.task, "--task")
+    headerless = any(c is not None and c.isdigit() for c in (args.task_prompt_column, args.task_answer_column))
+    rows = read_rows(path, headerless)
+    answer_column = _pick_column(rows, args.task_answer_column, path, ("answer", "label", "target", "output"))
+    if args.task_template:
+        try:
+            prompts = [args.task_template.format(**row) for row in rows]
+        except (KeyError, IndexError) as err:
+            columns = list(rows[0])
+            raise UsageError(f"--task-template names field {err}, missing from {path!r} (columns {columns})") from err
+    else:
+        prompt_column = _pick_column(rows, args.task_prompt_column, path)
+        prompts = [str(row[prompt_column]) for row in rows]
+    references = [str(row[answer_column]) for row in rows]
+    labels = args.labels.split(",") if args.labels else None
+    if args.match == "label":
+        if not labels:
+            raise UsageError("--match label needs --labels, e.g. --labels negative,positive")
+        references = [labels[int(r)] if r.isdigit() and int(r) < len(labels) else r for r in references]
+    if args.limit:
+        prompts, references = prompts[: args.limit], references[: args.limit]
+    return prompts, references
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from ..evaluation import metrics
+
+    if not (args.harmful or args.benign or args.task):
+        raise UsageError("nothing to evaluate: give --harmful, --benign and/or --task")
+    _check_model_dir(args.model)
+    if args.adapter:
+        _check_adapter_dir(args.adapter)
+    harmful = load_prompts(args.harmful, args.column, args.limit) if args.harmful else None
+    benign = load_prompts(args.benign, args.column, args.limit) if args.benign else None
+    task = _task_examples(args) if args.task else None
+    if args.append and os.path.exists(args.output):
+        try:
+            previous = metrics.load_results(args.output)
+        except (ValueError, json.JSONDecodeError) as err:
+            raise UsageError(f"--append: {err}") from err
+    else:
+        previous = {"format": metrics.RESULTS_FORMAT, "methods": {}}
+    judge_kwargs: dict[str, Any] = {}
+    if args.flagged_labels:
+        judge_kwargs["flagged_labels"] = args.flagged_labels.split(",")
+    if args.judge_threshold is not None:
+        judge_kwargs["threshold"] = args.judge_threshold
+    from ..evaluation.judges import KeywordJudge, load_judge
+
+    if args.judge == "keyword" and "threshold" in judge_kwargs:
+        raise UsageError("--judge-threshold applies to model judges only")
+    judge = load_judge(args.judge, **judge_kwargs) if args.judge != "keyword" else KeywordJudge()
+
+    model, tokenizer = load_model(args)
+    if args.adapter:
+        model = _load_adapter(model, args.adapter)
+    chat_template = {"auto": None, "yes": True, "no": False}[args.chat_template]
+    common = {"batch_size": args.batch_size, "chat_template": chat_template, "system_prompt": args.system_prompt}
+    results: dict[str, Any] = {}
+    if harmful:
+        results["harmful_score"] = metrics.harmful_score(
+            model, tokenizer, harmful, judge, max_new_tokens=args.max_new_tokens, **common
+        )
+    if benign:
+        refusal_judge = judge if args.judge == "keyword" else KeywordJudge(flag="refusal")
+        results["over_refusal_rate"] = metrics.over_refusal_rate(
+            model, tokenizer, benign, refusal_judge, max_new_tokens=args.max_new_tokens, **common
+        )
+    if task:
+        results["task_accuracy"] = metrics.task_accuracy(
+            model,
+            tokenizer,
+            task[0],
+            task[1],
+            match=args.match,
+            labels=args.labels.split(",") if args.labels else None,
+            first_n_words=args.first_n_words,
+            max_new_tokens=args.task_max_new_tokens,
+            **common,
+        )
+    method = args.method or (os.path.basename(os.path.normpath(args.adapter)) if args.adapter else "base")
+    previous["methods"][method] = {name: r.score for name, r in results.items()}
+    if args.records:
+        previous.setdefault("details", {})[method] = {name: r.to_dict() for name, r in results.items()}
+    with open(args.output, "w", encoding="utf-8") as handle:
+        json.dump(previous, handle, indent=2, ensure_ascii=False)
+    summary = ", ".join(f"{name} {r.score:.3f} ({r.num_prompts} prompts)" for name, r in results.items())
+    _print(f"{method}: {summary}; results in {args.output}")
+    if args.plot:
+        try:
+            metrics.plot_safety_utility(previous["methods"], args.plot)
+        except ValueError as err:
+            raise UsageError(f"--plot: {err} (evaluate with --harmful and --task)") from err
+        _print(f"Plot in {args.plot}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    _check_model_dir(args.model)
+    _check_adapter_dir(args.adapter)
+    from ..guardspace import guardspace_report
+
+    heldout = None
+    if args.heldout_statistics:
+        from ..statistics import SafetyStatistics
+
+        try:
+            heldout = SafetyStatistics.load(args.heldout_statistics)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--heldout-statistics: {err}") from err
+    model, _ = load_model(args)
+    peft_model = _load_adapter(model, args.adapter, args.adapter_name)
+    try:
+        report = guardspace_report(peft_model, args.adapter_name, heldout_statistics=heldout)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    _print(str(report))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report.to_dict(), handle, indent=2)
+        _print(f"Report in {args.json}")
+    if args.plot:
+        from ..evaluation.metrics import plot_null_space
+
+        plot_null_space(report, args.plot)
+        _print(f"Plot in {args.plot}")
