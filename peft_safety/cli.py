@@ -1,8 +1,8 @@
 """``peft-safety``: command-line access to statistics, SOMF merging, export, evaluation and reports.
 
-Subcommands: ``stats``, ``merge``, ``export``, ``eval``, ``report`` (``peft-safety <command> --help``). Models and
-adapters are local folders (``save_pretrained`` output); nothing is downloaded. User mistakes print one line on
-stderr and exit with code 2; set ``PEFT_SAFETY_DEBUG=1`` to see the full traceback instead.
+Subcommands: ``stats``, ``merge``, ``export``, ``eval``, ``report``, ``safe-lora`` (``peft-safety <command>
+--help``). Models and adapters are local folders (``save_pretrained`` output); nothing is downloaded. User mistakes
+print one line on stderr and exit with code 2; set ``PEFT_SAFETY_DEBUG=1`` to see the full traceback instead.
 """
 
 from __future__ import annotations
@@ -114,12 +114,12 @@ def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _check_model_dir(path: str) -> None:
+def _check_model_dir(path: str, flag: str = "--model") -> None:
     config = os.path.join(path, "config.json")
     if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(config):
-        raise UsageError(f"--model {path!r} is a PEFT adapter folder: give the base model as --model, it as --adapter")
+        raise UsageError(f"{flag} {path!r} is a PEFT adapter folder: give the base model as {flag}, it as --adapter")
     if not os.path.isfile(config):
-        raise UsageError(f"--model {path!r} is not a local model folder (no config.json; see save_pretrained)")
+        raise UsageError(f"{flag} {path!r} is not a local model folder (no config.json; see save_pretrained)")
 
 
 def _check_adapter_dir(path: str, flag: str = "--adapter") -> None:
@@ -251,6 +251,72 @@ def cmd_export(args: argparse.Namespace) -> None:
     peft_model = _load_adapter(model, args.adapter, args.adapter_name)
     config = export_to_lora(peft_model, args.output, adapter_name=args.adapter_name)
     _print(f"Exported GuardSpace adapter '{args.adapter_name}' as vanilla LoRA (r={config.r}) to {args.output}")
+
+
+def _parse_budget(text: str | None) -> int | float | None:
+    """``--budget``: a whole number of layers (``3``) or a fraction of them (``0.25``)."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--budget {text!r}: expected a number of layers (3) or a fraction (0.25)") from None
+
+
+def _check_lora_adapter_dir(path: str) -> None:
+    """Refuse, from ``adapter_config.json`` alone, adapters that Safe LoRA cannot project."""
+    _check_adapter_dir(path)
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"--adapter {path!r}: adapter_config.json could not be read ({err})") from err
+    if config.get("init_lora_weights") == "guardspace":
+        raise UsageError(
+            f"--adapter {path!r} is a GuardSpace adapter: write it as a plain LoRA adapter first with "
+            "'peft-safety export', then project that folder"
+        )
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise UsageError(f"--adapter {path!r} is a {config.get('peft_type')} adapter; Safe LoRA needs a LoRA adapter")
+    if config.get("use_dora"):
+        raise UsageError(f"--adapter {path!r} is a DoRA adapter; Safe LoRA supports plain LoRA adapters only")
+
+
+def _load_causal_lm(path: str, args: argparse.Namespace):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(args.dtype))
+    return model.to(_device(args.device)).eval()
+
+
+def cmd_safe_lora(args: argparse.Namespace) -> None:
+    _check_model_dir(args.model)
+    _check_model_dir(args.unaligned, "--unaligned")
+    _check_lora_adapter_dir(args.adapter)
+    if os.path.abspath(args.output) == os.path.abspath(args.adapter):
+        raise UsageError("--output must be a new folder, not the --adapter folder itself")
+    budget = _parse_budget(args.budget)
+    from .safe_lora import _check_rule, apply_safe_lora
+
+    _check_rule(args.threshold, budget)
+
+    peft_model = _load_adapter(_load_causal_lm(args.model, args), args.adapter)
+    unaligned = _load_causal_lm(args.unaligned, args)
+    report = apply_safe_lora(peft_model, unaligned, threshold=args.threshold, budget=budget)
+    del unaligned
+    peft_model.save_pretrained(args.output)
+    _print(str(report) if args.verbose else str(report).splitlines()[0])
+    _print(f"Saved the projected LoRA adapter to {args.output}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report.to_dict(), handle, indent=2)
+        _print(f"Report in {args.json}")
 
 
 def _task_examples(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -524,6 +590,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--plot", help="also plot null-space dimension per layer (PNG, needs matplotlib)")
     report.set_defaults(func=cmd_report)
+
+    safe_lora = commands.add_parser(
+        "safe-lora",
+        help="Safe LoRA: project a LoRA adapter's layers onto the alignment direction (aligned - unaligned)",
+        description="Project every LoRA layer whose update is dissimilar to the alignment direction "
+        "W_aligned - W_unaligned (below --threshold, or the --budget least similar layers) and save the result as "
+        "a plain LoRA adapter of the same rank.",
+    )
+    _model_arguments(safe_lora)
+    safe_lora.add_argument("--unaligned", required=True, help="local folder of the unaligned (pre-alignment) model")
+    safe_lora.add_argument("--adapter", required=True, help="LoRA adapter folder trained on --model")
+    safe_lora.add_argument(
+        "--threshold", type=float, help="project layers whose similarity is below it, in [0, 1] (default 0.5)"
+    )
+    safe_lora.add_argument(
+        "--budget", help="instead of --threshold: project the K least similar layers (an int, or a fraction)"
+    )
+    safe_lora.add_argument("--output", required=True, help="folder for the projected LoRA adapter")
+    safe_lora.add_argument("--json", help="also write the per-layer report as JSON")
+    safe_lora.add_argument("--verbose", action="store_true", help="print one line per layer")
+    safe_lora.set_defaults(func=cmd_safe_lora)
     return parser
 
 
