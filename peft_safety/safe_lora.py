@@ -39,7 +39,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ._targets import LINEAR_TYPES, weight_shape
-from .distributed import _distributed, full_weight
+from .distributed import _distributed, _is_dtensor, full_weight
 
 DEFAULT_THRESHOLD = 0.5
 """Similarity below which a layer is projected when neither ``threshold`` nor ``budget`` is given."""
@@ -220,6 +220,11 @@ def _lora_layers(peft_model: nn.Module, adapter_name: str) -> list[tuple[str, nn
             raise ValueError(
                 f"Adapter '{adapter_name}' is merged into layer '{target}': the base weight then holds the update. "
                 "Call peft_model.unmerge_adapter() first."
+            )
+        if _is_dtensor(module.lora_A[adapter_name].weight) or _is_dtensor(module.lora_B[adapter_name].weight):
+            raise ValueError(
+                f"The adapter weights of layer '{target}' are sharded (DTensor): apply Safe LoRA before wrapping the "
+                "model with FSDP / tensor parallelism, or to the saved adapter loaded without it."
             )
         layers.append((target, module))
     if not layers:

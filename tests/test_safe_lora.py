@@ -11,12 +11,19 @@ import copy
 import json
 import math
 import os
+import socket
+import time
 import warnings
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import BENIGN_TEXTS, HARMFUL_PROMPTS, build_tokenizer, logits_of, make_gpt2, make_llama, train_steps
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from peft_safety import GuardSpaceConfig, SafeLoRAReport, apply_safe_lora, collect_safety_statistics
@@ -285,7 +292,8 @@ def test_bad_inputs_raise_before_the_model_changes(models, tokenizer):
 # ----------------------------------------------------------------------------------------------- bitsandbytes
 
 
-def test_4bit_base_is_dequantised_per_layer(models, tmp_path):
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantised_base_is_dequantised_per_layer(kind, models, tmp_path):
     pytest.importorskip("bitsandbytes")
     from peft.utils.integrations import dequantize_module_weight
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -293,7 +301,10 @@ def test_4bit_base_is_dequantised_per_layer(models, tmp_path):
     tokenizer, unaligned, aligned, state = models
     aligned.save_pretrained(tmp_path / "aligned")
     unaligned.save_pretrained(tmp_path / "unaligned")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    if kind == "nf4":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    else:
+        quant = BitsAndBytesConfig(load_in_8bit=True)
 
     def load(name):
         return AutoModelForCausalLM.from_pretrained(tmp_path / name, quantization_config=quant, device_map="cpu")
@@ -311,7 +322,9 @@ def test_4bit_base_is_dequantised_per_layer(models, tmp_path):
                 for name in LAYER_NAMES:
                     layer = modules[name]
                     layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+                    parameter = layer.weight
                     dict(reference.named_modules())[name].weight.copy_(dequantize_module_weight(layer).float())
+                    layer.weight = parameter  # 8-bit on CPU: dequantising may replace the Parameter
             dequantised[role] = reference
         expected = dense_reference(dequantised["unaligned"], dequantised["aligned"], peft_model)
         report = apply_safe_lora(peft_model, quantised_unaligned, threshold=1.0)  # aligned = the 4-bit peft base
@@ -396,3 +409,82 @@ def test_cli_user_errors_exit_2_with_one_line(folders, tokenizer, capsys):
         assert len(lines) == 1 and "Traceback" not in err, err
         assert message in lines[0], (argv, lines[0])
     assert not os.path.exists(folders / "x")
+
+
+# ----------------------------------------------------------------------------------------------- two processes
+
+WORLD = 2
+
+
+def _random_adapter(aligned: torch.nn.Module) -> PeftModel:
+    """The same non-zero adapter in every process (seeded init, no training)."""
+    torch.manual_seed(3)
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, init_lora_weights=False)
+    return get_peft_model(copy.deepcopy(aligned), config).eval()
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        tokenizer = build_tokenizer()
+        unaligned = make_llama(tokenizer, seed=0)
+        aligned = perturbed(unaligned, LAYER_NAMES)
+        peft_model = _random_adapter(aligned)
+        mesh = init_device_mesh("cpu", (WORLD,))
+        sharded = copy.deepcopy(unaligned)  # FSDP2 / tensor-parallel style: each rank holds half of every weight
+        for name in LAYER_NAMES:
+            layer = dict(sharded.named_modules())[name]
+            layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(0)]))
+        report = apply_safe_lora(peft_model, sharded, budget=3)
+        tensors = {
+            f"{name}.lora_B": m.lora_B["default"].weight.detach() for name, m in lora_modules(peft_model).items()
+        }
+        save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
+        # ranks that disagree (here: different thresholds) are told so on every rank
+        try:
+            apply_safe_lora(_random_adapter(aligned), unaligned, threshold=[0.0, 1.0][rank])
+            mismatch = None
+        except RuntimeError as err:
+            mismatch = str(err)
+        result = {"report": report.to_dict(), "mismatch": mismatch}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_with_sharded_weights_agree_with_one_process(models, tmp_path):
+    context = mp.start_processes(
+        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail("distributed workers did not finish within 300 s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
+    _, unaligned, aligned, _ = models
+    single = _random_adapter(aligned)
+    expected = apply_safe_lora(single, unaligned, budget=3).to_dict()
+    for rank, result in enumerate(results):
+        for got, want in zip(result["report"]["layers"], expected["layers"], strict=True):
+            assert got["projected"] == want["projected"] and abs(got["similarity"] - want["similarity"]) < 1e-6, rank
+        assert result["mismatch"] and "different layers on different ranks" in result["mismatch"]
+        tensors = load_file(tmp_path / f"rank{rank}.safetensors")
+        for name, module in lora_modules(single).items():
+            torch.testing.assert_close(tensors[f"{name}.lora_B"], module.lora_B["default"].weight.detach())
