@@ -98,6 +98,11 @@ class SafeLoRAReport:
         return sum(values) / len(values) if values else math.nan
 
     def to_dict(self) -> dict:
+        """Plain JSON-ready data; the ``nan`` similarities of skipped layers become ``None``."""
+
+        def number(value: float) -> float | None:
+            return None if math.isnan(value) else value
+
         return {
             "adapter_name": self.adapter_name,
             "output_adapter": self.output_adapter,
@@ -106,8 +111,8 @@ class SafeLoRAReport:
             "num_layers": len(self.layers),
             "num_projected": self.num_projected,
             "num_skipped": len(self.skipped_layers),
-            "mean_similarity": self.mean_similarity,
-            "layers": [asdict(layer) for layer in self.layers],
+            "mean_similarity": number(self.mean_similarity),
+            "layers": [{**asdict(layer), "similarity": number(layer.similarity)} for layer in self.layers],
         }
 
     def __str__(self) -> str:

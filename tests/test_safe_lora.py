@@ -204,6 +204,8 @@ def test_identical_models_skip_every_layer_with_a_warning(models):
         report = apply_safe_lora(peft_model, copy.deepcopy(aligned), threshold=1.0)
     assert report.num_projected == 0 and report.skipped_layers == LAYER_NAMES
     assert all(math.isnan(layer.similarity) and layer.alignment_norm == 0 for layer in report.layers)
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))  # strict JSON: nan similarities are null
+    assert data["mean_similarity"] is None and all(layer["similarity"] is None for layer in data["layers"])
     assert all(torch.equal(before[key], value) for key, value in weights_of(peft_model).items())
 
 
@@ -482,6 +484,7 @@ def test_two_processes_with_sharded_weights_agree_with_one_process(models, tmp_p
     single = _random_adapter(aligned)
     expected = apply_safe_lora(single, unaligned, budget=3).to_dict()
     for rank, result in enumerate(results):
+        assert result["report"]["num_projected"] == 3
         for got, want in zip(result["report"]["layers"], expected["layers"], strict=True):
             assert got["projected"] == want["projected"] and abs(got["similarity"] - want["similarity"]) < 1e-6, rank
         assert result["mismatch"] and "different layers on different ranks" in result["mismatch"]
