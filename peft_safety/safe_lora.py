@@ -350,9 +350,10 @@ def apply_safe_lora(
     Cost ``O(m n r)`` per layer; the layers are streamed, so only one layer's ``V`` exists at a time. All checks
     run, and every similarity is computed, before the adapter is changed.
 
-    Layers whose aligned and unaligned weights are identical (``V = 0``) and layers with a zero update are
-    skipped (not projected) with a warning. Under ``torch.distributed`` every rank computes the same result
-    (sharded DTensor / ZeRO-3 weights are gathered, a collective); the chosen layers are compared across ranks.
+    Layers whose aligned and unaligned weights are identical (``V = 0``, no alignment direction) are skipped
+    (not projected) with one warning listing them; layers with a zero update are skipped too (projecting would
+    change nothing). Under ``torch.distributed`` every rank computes the same result (sharded DTensor / ZeRO-3
+    weights are gathered, a collective); the chosen layers are compared across ranks.
 
     Args:
         peft_model: a ``PeftModel`` holding the trained LoRA adapter ``adapter_name`` (not merged).
