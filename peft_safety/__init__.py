@@ -1,4 +1,5 @@
-"""peft-safety: keep aligned LLMs safe while they are fine-tuned (GuardSpace) and merged (SOMF) with PEFT.
+"""peft-safety: keep aligned LLMs safe while they are fine-tuned (GuardSpace) and merged (SOMF) with PEFT;
+Safe LoRA (``apply_safe_lora``) projects a trained LoRA adapter onto the alignment direction.
 
 ``import peft_safety`` is all the registration needed: ``peft.get_peft_model(model, GuardSpaceConfig(...))``
 and ``PeftModel.from_pretrained`` then handle GuardSpace adapters, and every ``PeftModel`` holding LoRA adapters
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from ._bnb_cpu import disable_bnb_cpu_packing
     from .distributed import verify_statistics_across_ranks
     from .guardspace import GuardSpaceConfig, GuardSpaceReport, export_to_lora, guardspace_report
+    from .safe_lora import SafeLoRAReport, apply_safe_lora
     from .somf import SafetyMasks, SOMFConfig, SOMFMerger
     from .statistics import SafetyStatistics, collect_safety_statistics
 
@@ -52,20 +54,24 @@ _LAZY = {
     "SOMFConfig": ".somf",
     "SOMFMerger": ".somf",
     "SafetyMasks": ".somf",
+    "SafeLoRAReport": ".safe_lora",
+    "apply_safe_lora": ".safe_lora",
     "SafetyStatistics": ".statistics",
     "collect_safety_statistics": ".statistics",
     "disable_bnb_cpu_packing": "._bnb_cpu",
     "verify_statistics_across_ranks": ".distributed",
 }
-_SUBMODULES = ("distributed", "evaluation", "guardspace", "somf", "statistics")
+_SUBMODULES = ("distributed", "evaluation", "guardspace", "safe_lora", "somf", "statistics")
 
 __all__ = [
     "GuardSpaceConfig",
     "GuardSpaceReport",
     "SOMFConfig",
     "SOMFMerger",
+    "SafeLoRAReport",
     "SafetyMasks",
     "SafetyStatistics",
+    "apply_safe_lora",
     "collect_safety_statistics",
     "disable_bnb_cpu_packing",
     "export_to_lora",

@@ -68,7 +68,7 @@ def _one_line_error(captured: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("command", [None, "stats", "merge", "export", "eval", "report"])
+@pytest.mark.parametrize("command", [None, "stats", "merge", "export", "eval", "report", "safe-lora"])
 def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"] if command else ["--help"])

@@ -94,6 +94,10 @@ def test_api_pages_render_docstrings(site):
     assert 'id="peft_safety.collect_safety_statistics"' in statistics
     assert "exclude_bos" in statistics
 
+    safe_lora = _page(site, "api/safe-lora")
+    assert 'id="peft_safety.apply_safe_lora"' in safe_lora
+    assert "project every layer whose similarity is below it" in safe_lora
+
     evaluation = _page(site, "api/evaluation")
     assert "(harmful requests) whose greedy answer the judge flags as harmful" in evaluation
 
@@ -107,7 +111,8 @@ def _public_names(module_file: Path) -> list[str]:
 
 
 def test_api_reference_covers_the_public_surface(site):
-    pages = "".join(_page(site, f"api/{name}") for name in ("guardspace", "statistics", "distributed", "somf"))
+    names = ("guardspace", "statistics", "distributed", "somf", "safe-lora")
+    pages = "".join(_page(site, f"api/{name}") for name in names)
     for name in _public_names(ROOT / "peft_safety" / "__init__.py"):
         assert f'id="peft_safety.{name}"' in pages, f"peft_safety.{name} is missing from docs/api/"
     evaluation = _page(site, "api/evaluation")

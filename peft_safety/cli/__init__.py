@@ -1,8 +1,8 @@
 """``peft-safety``: command-line access to statistics, SOMF merging, export, evaluation and reports.
 
-Subcommands: ``stats``, ``merge``, ``export``, ``eval``, ``report`` (``peft-safety <command> --help``). Models and
-adapters are local folders (``save_pretrained`` output); nothing is downloaded. User mistakes print one line on
-stderr and exit with code 2; set ``PEFT_SAFETY_DEBUG=1`` to see the full traceback instead.
+Subcommands: ``stats``, ``merge``, ``export``, ``eval``, ``report``, ``safe-lora`` (``peft-safety <command>
+--help``). Models and adapters are local folders (``save_pretrained`` output); nothing is downloaded. User mistakes
+print one line on stderr and exit with code 2; set ``PEFT_SAFETY_DEBUG=1`` to see the full traceback instead.
 
 The package: ``errors`` (usage errors), ``inputs`` (input files), ``models`` (model and adapter loading),
 ``commands`` (one function per subcommand), ``parser`` (arguments and ``main``). Importing it imports no torch,

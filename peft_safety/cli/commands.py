@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import UsageError, _print
 from .inputs import _pick_column, _require_file, load_prompts, read_rows
-from .models import _check_adapter_dir, _check_model_dir, _load_adapter, load_model
+from .models import _check_adapter_dir, _check_model_dir, _load_adapter, load_causal_lm, load_model
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
@@ -110,6 +110,63 @@ def cmd_export(args: argparse.Namespace) -> None:
     peft_model = _load_adapter(model, args.adapter, args.adapter_name)
     config = export_to_lora(peft_model, args.output, adapter_name=args.adapter_name)
     _print(f"Exported GuardSpace adapter '{args.adapter_name}' as vanilla LoRA (r={config.r}) to {args.output}")
+
+
+def _parse_budget(text: str | None) -> int | float | None:
+    """``--budget``: a whole number of layers (``3``) or a fraction of them (``0.25``)."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"--budget {text!r}: expected a number of layers (3) or a fraction (0.25)") from None
+
+
+def _check_lora_adapter_dir(path: str) -> None:
+    """Refuse, from ``adapter_config.json`` alone, adapters that Safe LoRA cannot project."""
+    _check_adapter_dir(path)
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"--adapter {path!r}: adapter_config.json could not be read ({err})") from err
+    if config.get("init_lora_weights") == "guardspace":
+        raise UsageError(
+            f"--adapter {path!r} is a GuardSpace adapter: write it as a plain LoRA adapter first with "
+            "'peft-safety export', then project that folder"
+        )
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise UsageError(f"--adapter {path!r} is a {config.get('peft_type')} adapter; Safe LoRA needs a LoRA adapter")
+    if config.get("use_dora"):
+        raise UsageError(f"--adapter {path!r} is a DoRA adapter; Safe LoRA supports plain LoRA adapters only")
+
+
+def cmd_safe_lora(args: argparse.Namespace) -> None:
+    _check_model_dir(args.model)
+    _check_model_dir(args.unaligned, "--unaligned")
+    _check_lora_adapter_dir(args.adapter)
+    if os.path.abspath(args.output) == os.path.abspath(args.adapter):
+        raise UsageError("--output must be a new folder, not the --adapter folder itself")
+    budget = _parse_budget(args.budget)
+    from ..safe_lora import _check_rule, apply_safe_lora
+
+    _check_rule(args.threshold, budget)
+
+    peft_model = _load_adapter(load_causal_lm(args.model, args), args.adapter)
+    unaligned = load_causal_lm(args.unaligned, args)
+    report = apply_safe_lora(peft_model, unaligned, threshold=args.threshold, budget=budget)
+    del unaligned
+    peft_model.save_pretrained(args.output)
+    _print(str(report) if args.verbose else str(report).splitlines()[0])
+    _print(f"Saved the projected LoRA adapter to {args.output}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report.to_dict(), handle, indent=2)
+        _print(f"Report in {args.json}")
 
 
 def _task_examples(args: argparse.Namespace) -> tuple[list[str], list[str]]:

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .commands import cmd_eval, cmd_export, cmd_merge, cmd_report, cmd_stats
+from .commands import cmd_eval, cmd_export, cmd_merge, cmd_report, cmd_safe_lora, cmd_stats
 from .errors import EXIT_USAGE, UsageError, _Parser
 from .inputs import PROMPT_COLUMNS
 
@@ -152,6 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--plot", help="also plot null-space dimension per layer (PNG, needs matplotlib)")
     report.set_defaults(func=cmd_report)
+
+    safe_lora = commands.add_parser(
+        "safe-lora",
+        help="Safe LoRA: project a LoRA adapter's layers onto the alignment direction (aligned - unaligned)",
+        description="Project every LoRA layer whose update is dissimilar to the alignment direction "
+        "W_aligned - W_unaligned (below --threshold, or the --budget least similar layers) and save the result as "
+        "a plain LoRA adapter of the same rank.",
+    )
+    _model_arguments(safe_lora)
+    safe_lora.add_argument("--unaligned", required=True, help="local folder of the unaligned (pre-alignment) model")
+    safe_lora.add_argument("--adapter", required=True, help="LoRA adapter folder trained on --model")
+    safe_lora.add_argument(
+        "--threshold", type=float, help="project layers whose similarity is below it, in [0, 1] (default 0.5)"
+    )
+    safe_lora.add_argument(
+        "--budget", help="instead of --threshold: project the K least similar layers (an int, or a fraction)"
+    )
+    safe_lora.add_argument("--output", required=True, help="folder for the projected LoRA adapter")
+    safe_lora.add_argument("--json", help="also write the per-layer report as JSON")
+    safe_lora.add_argument("--verbose", action="store_true", help="print one line per layer")
+    safe_lora.set_defaults(func=cmd_safe_lora)
     return parser
 
 
