@@ -11,6 +11,7 @@ import argparse
 import csv
 import gzip
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -36,6 +37,60 @@ def _require_file(path: str, flag: str) -> str:
     if not os.path.isfile(path):
         raise UsageError(f"{flag} {path!r}: no such file")
     return path
+
+
+def _output_file(path: str | None, flag: str) -> None:
+    """Refuse an output file that cannot be written (missing folder, a folder, no permission) before any work."""
+    if path is None:
+        return
+    from ._files import check_output_file
+
+    try:
+        check_output_file(path, "file")
+    except OSError as err:
+        raise UsageError(f"{flag} {path!r}: {err}") from err
+
+
+def _output_dir(path: str, flag: str) -> None:
+    """Refuse an output folder that cannot be created or written before any work."""
+    from ._files import check_output_dir
+
+    try:
+        check_output_dir(path, "folder")
+    except OSError as err:
+        raise UsageError(f"{flag} {path!r}: {err}") from err
+
+
+def check_safetensors(path: str, flag: str) -> None:
+    """Raise ``UsageError`` unless ``path`` is a complete safetensors file (header readable, every tensor's bytes
+    present): a file cut short by an interrupted copy or download fails here, before anything is loaded."""
+    size = os.path.getsize(path)
+    problem = None
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 0 or 8 + length > size:
+                problem = "its header is cut short"
+            else:
+                header = json.loads(handle.read(length))
+                ends = [
+                    entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"
+                ]  # fmt: skip
+                if 8 + length + max(ends, default=0) > size:
+                    problem = f"it holds {size} bytes of the {8 + length + max(ends)} its header announces"
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        problem = f"its header cannot be read ({err})"
+    if problem:
+        raise UsageError(
+            f"{flag}: {path!r} is truncated or corrupt: {problem}; copy or save the file again"
+        )  # fmt: skip
+
+
+def _check_weights(folder: str, flag: str) -> None:
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            check_safetensors(os.path.join(folder, name), flag)
 
 
 def read_rows(path: str, headerless: bool = False) -> list[dict[str, Any]]:
@@ -114,17 +169,40 @@ def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device(name: str | None) -> None:
+    """Refuse a ``--device`` that is not a torch device, or one this machine does not have, before any work."""
+    if name is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps): {err}") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name!r}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name!r}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps") and not hasattr(torch, device.type):
+        raise UsageError(f"--device {name!r}: device type {device.type!r} is not available here")
+
+
 def _check_model_dir(path: str) -> None:
     config = os.path.join(path, "config.json")
     if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(config):
         raise UsageError(f"--model {path!r} is a PEFT adapter folder: give the base model as --model, it as --adapter")
     if not os.path.isfile(config):
         raise UsageError(f"--model {path!r} is not a local model folder (no config.json; see save_pretrained)")
+    _check_weights(path, "--model")
 
 
 def _check_adapter_dir(path: str, flag: str = "--adapter") -> None:
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise UsageError(f"{flag} {path!r} is not a PEFT adapter folder (no adapter_config.json)")
+    _check_weights(path, flag)
 
 
 def load_model(args: argparse.Namespace):
@@ -133,8 +211,12 @@ def load_model(args: argparse.Namespace):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep stderr for our bars and one-line errors
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=_resolve_dtype(args.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=_resolve_dtype(args.dtype))
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except Exception as err:  # transformers and safetensors raise many types for broken folders
+        message = " ".join(str(err).split())[:300] or type(err).__name__
+        raise UsageError(f"--model {args.model!r} could not be loaded ({message}); save the model again") from err
     return model.to(_device(args.device)).eval(), tokenizer
 
 
@@ -143,7 +225,11 @@ def _load_adapter(model, path: str, adapter_name: str = "default"):
 
     from . import _peft_compat  # noqa: F401  (importing peft_safety registers GuardSpace with PEFT)
 
-    return PeftModel.from_pretrained(model, path, adapter_name=adapter_name).eval()
+    try:
+        return PeftModel.from_pretrained(model, path, adapter_name=adapter_name).eval()
+    except Exception as err:  # PEFT and safetensors raise many types for broken or foreign adapters
+        message = " ".join(str(err).split())[:300] or type(err).__name__
+        raise UsageError(f"adapter {path!r} could not be loaded on this model ({message})") from err
 
 
 def _print(message: str) -> None:
@@ -158,6 +244,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
         from .statistics import EXCLUDE_BOS_REASON
 
         raise UsageError(f"--exclude-bos is no longer supported: {EXCLUDE_BOS_REASON}")
+    _output_file(args.output, "--output")
     _check_model_dir(args.model)
     prompts = load_prompts(args.prompts, args.column, args.limit)
     from .statistics import collect_safety_statistics
@@ -192,6 +279,8 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
+    _output_dir(args.output, "--output")
+    _output_file(args.masks_output, "--masks-output")
     _check_model_dir(args.model)
     for path in args.adapters:
         _check_adapter_dir(path, "--adapters")
@@ -201,7 +290,11 @@ def cmd_merge(args: argparse.Namespace) -> None:
     weights = args.weights or [1.0] * len(names)
     if len(weights) != len(names):
         raise UsageError(f"--weights has {len(weights)} values for {len(names)} adapters")
-    if args.density is not None and not 0.0 < args.density <= 1.0:
+    if not all(math.isfinite(weight) for weight in weights):
+        raise UsageError(f"--weights must be finite numbers, got {weights}")
+    if args.adapter_name in names:
+        raise UsageError(f"--adapter-name {args.adapter_name!r} is also the name of an input adapter; choose another")
+    if args.density is not None and not 0.0 < args.density <= 1.0:  # also refuses NaN
         raise UsageError(f"--density must be in (0, 1], got {args.density}")
     safety_data = read_rows(_require_file(args.safety_data, "--safety-data"))
     options = dict(_parse_option(o) for o in args.option)
@@ -211,7 +304,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
         raise UsageError(f"SOMF is not available in this installation of peft_safety ({err})") from err
     try:
         config = SOMFConfig(**options)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise UsageError(f"--option: {err}") from err
     extra = {}
     if args.retain_data:
@@ -243,6 +336,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    _output_dir(args.output, "--output")
     _check_model_dir(args.model)
     _check_adapter_dir(args.adapter)
     from .guardspace import export_to_lora
@@ -283,6 +377,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if not (args.harmful or args.benign or args.task):
         raise UsageError("nothing to evaluate: give --harmful, --benign and/or --task")
+    _output_file(args.output, "--output")
+    _output_file(args.plot, "--plot")
     _check_model_dir(args.model)
     if args.adapter:
         _check_adapter_dir(args.adapter)
@@ -300,6 +396,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.flagged_labels:
         judge_kwargs["flagged_labels"] = args.flagged_labels.split(",")
     if args.judge_threshold is not None:
+        if not 0.0 <= args.judge_threshold <= 1.0:  # also refuses NaN
+            raise UsageError(f"--judge-threshold must be in [0, 1], got {args.judge_threshold}")
         judge_kwargs["threshold"] = args.judge_threshold
     from .evaluation.judges import KeywordJudge, load_judge
 
@@ -351,6 +449,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    _output_file(args.json, "--json")
+    _output_file(args.plot, "--plot")
     _check_model_dir(args.model)
     _check_adapter_dir(args.adapter)
     from .guardspace import guardspace_report
@@ -541,6 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("PEFT_SAFETY_DEBUG", "") not in ("", "0")
     try:
         _positive_ints(args)
+        check_device(getattr(args, "device", None))
         args.func(args)
     except (UsageError, ValueError, TypeError, KeyError, OSError, ImportError) as err:
         if debug:
