@@ -40,6 +40,30 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> st
     return path
 
 
+def _temporary(path: str) -> str:
+    """A new empty temporary file ``.{name}.{pid}.XXXX.peft_safety-tmp`` next to ``path``."""
+    folder, name = os.path.split(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=folder)
+    os.close(handle)
+    return temporary
+
+
+def _publish(temporary: str, path: str) -> None:
+    """Rename the finished ``temporary`` over ``path`` (atomic), with the permissions a plain ``open(path, "w")``
+    would give (``mkstemp`` makes files owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    os.replace(temporary, path)
+
+
+def _discard(temporary: str) -> None:
+    try:
+        os.remove(temporary)
+    except OSError:
+        pass
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -71,15 +95,24 @@ def atomic_save_file(tensors: dict[str, Any], path: str | os.PathLike, metadata:
 
     path = check_output_file(path)
     remove_stale_temporaries(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=folder)
-    os.close(handle)
+    temporary = _temporary(path)
     try:
         save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
+        _publish(temporary, path)
     except BaseException:
-        try:
-            os.remove(temporary)
-        except OSError:
-            pass
+        _discard(temporary)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed over it: never a half-written file."""
+    path = check_output_file(path)
+    remove_stale_temporaries(path)
+    temporary = _temporary(path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        _publish(temporary, path)
+    except BaseException:
+        _discard(temporary)
         raise

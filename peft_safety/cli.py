@@ -436,8 +436,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     previous["methods"][method] = {name: r.score for name, r in results.items()}
     if args.records:
         previous.setdefault("details", {})[method] = {name: r.to_dict() for name, r in results.items()}
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(previous, handle, indent=2, ensure_ascii=False)
+    from ._files import atomic_write_text
+
+    atomic_write_text(args.output, json.dumps(previous, indent=2, ensure_ascii=False))
     summary = ", ".join(f"{name} {r.score:.3f} ({r.num_prompts} prompts)" for name, r in results.items())
     _print(f"{method}: {summary}; results in {args.output}")
     if args.plot:
@@ -471,8 +472,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         raise UsageError(str(err)) from err
     _print(str(report))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report.to_dict(), handle, indent=2)
+        from ._files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
         _print(f"Report in {args.json}")
     if args.plot:
         from .evaluation.metrics import plot_null_space

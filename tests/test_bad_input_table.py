@@ -69,6 +69,8 @@ GUARD_CONFIG_CASES = [
     (dict(alora_invocation_tokens=[5, 6]), r"\['alora_invocation_tokens'\]: they train parameters outside"),
     (dict(use_dora=True), "cannot be combined with \\['use_dora'\\]"),
     (dict(init_lora_weights="gaussian"), "always initialises with 'guardspace'"),
+    (dict(safety_statistics=5), "`safety_statistics` must be a SafetyStatistics object .*got int"),
+    (dict(safety_statistics={"q_proj": torch.eye(2)}), "`safety_statistics` must be a SafetyStatistics object"),
 ]
 
 
@@ -370,3 +372,9 @@ def test_every_rank_runs_the_same_number_of_forwards(tokenizer, num_prompts, wor
         counted_tokens += sum(int(counted.sum()) for _, _, counted in batches)
     assert counted_tokens == 2 * num_prompts  # the padding forwards count no token
     assert math.ceil(math.ceil(num_prompts / world) / batch_size) == count
+
+
+def test_saved_files_get_the_usual_permissions(stats, tmp_path):
+    stats.save(tmp_path / "stats.safetensors")
+    (tmp_path / "plain").write_text("x")
+    assert (tmp_path / "stats.safetensors").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777

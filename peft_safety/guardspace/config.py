@@ -177,6 +177,11 @@ class GuardSpaceConfig(LoraConfig):
             raise ValueError(f"`rank_allocation` must be 'uniform' or 'null_dim', got {self.rank_allocation!r}.")
         if isinstance(self.safety_statistics, os.PathLike):
             self.safety_statistics = os.fspath(self.safety_statistics)
+        if self.safety_statistics is not None and not isinstance(self.safety_statistics, (str, SafetyStatistics)):
+            raise ValueError(
+                "`safety_statistics` must be a SafetyStatistics object (collect_safety_statistics(...)) or the path "
+                f"of a statistics file, got {type(self.safety_statistics).__name__}."
+            )
         from .._peft_compat import register_guardspace_layers
 
         register_guardspace_layers(self)
