@@ -53,6 +53,7 @@ class SafetyStatistics:
         num_tokens: number of tokens ``T`` accumulated (the same for every site).
         num_prompts: number of prompts.
         metadata: model class, hidden size, module shapes, prompt hash and collection options.
+        source: the file the statistics were loaded from (``None`` otherwise), named in error messages; not saved.
     """
 
     covariance_sums: dict[str, torch.Tensor]
@@ -60,6 +61,7 @@ class SafetyStatistics:
     num_tokens: int
     num_prompts: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, repr=False, compare=False)  # the file it was loaded from
 
     @property
     def module_names(self) -> list[str]:
@@ -72,26 +74,27 @@ class SafetyStatistics:
     def modules_of_site(self, site: str) -> list[str]:
         return [name for name, s in self.site_of.items() if s == site]
 
-    def validate(self, source: str = "the safety statistics") -> None:
-        """Raise a ``ValueError`` (naming ``source`` and the site) for statistics no adapter can be built from.
-
-        Checks that every site is covered, the token count is positive and every covariance sum is finite and not
-        all zero (a zero covariance has no scale to damp and would give a NaN adapter).
-        """
-        if not isinstance(self.num_tokens, int) or self.num_tokens < 1:
+    def validate(self, sites: Sequence[str] | None = None, require_scale: bool = True) -> None:
+        """Raise a ``ValueError`` naming the file (when loaded from one) and the site for statistics no adapter can
+        be built from: no tokens, a missing site, a covariance sum that is not square, holds NaN/Inf or (with
+        ``require_scale``) is all zero (no scale to damp: a NaN adapter). ``sites``: the sites to check (all)."""
+        source = f"The safety statistics in '{self.source}'" if self.source else "The safety statistics"
+        if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens < 1:
             raise ValueError(f"{source} count {self.num_tokens!r} tokens; collect them again on non-empty prompts.")
         unknown = sorted(set(self.site_of.values()) - set(self.covariance_sums))
         if unknown:
             raise ValueError(f"{source} have no covariance for site(s) {unknown[:3]}; collect them again.")
-        for site, value in self.covariance_sums.items():
+        for site in self.covariance_sums if sites is None else dict.fromkeys(sites):
+            value = self.covariance_sums[site]
             if value.ndim != 2 or value.shape[0] != value.shape[1]:
                 raise ValueError(f"{source}: the covariance of '{site}' has shape {tuple(value.shape)}, not (n, n).")
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(
                     f"{source}: the covariance of '{site}' holds NaN or Inf (the model produced non-finite "
-                    "activations, or the file is corrupt). Collect the statistics again, in float32/bf16 precision."
+                    "activations, or the file is damaged). Collect the statistics again with the model in float32 "
+                    "or bfloat16 (float16 activations overflow)."
                 )
-            if not bool(value.diagonal().gt(0).any()):
+            if require_scale and not bool(value.diagonal().gt(0).any()):
                 raise ValueError(
                     f"{source}: the covariance of '{site}' is all zeros (no calibration input reached this layer, "
                     "or its inputs are all zero), so it defines no null space. Collect the statistics again on "
@@ -108,7 +111,6 @@ class SafetyStatistics:
                 "These safety statistics were collected with `exclude_bos=True` (an option of earlier versions): "
                 f"{EXCLUDE_BOS_REASON} Collect them again."
             )
-        self.validate()
         missing = [name for name in module_names if name not in self.site_of]
         if missing:
             raise ValueError(
@@ -116,6 +118,7 @@ class SafetyStatistics:
                 f"{len(self.site_of)} modules such as {self.module_names[:3]}. Collect statistics with the same "
                 "`target_modules` (collect_safety_statistics(..., target_modules=...)) on this model."
             )
+        self.validate(sites=[self.site_of[name] for name in module_names])
         modules = dict(model.named_modules())
         for name in module_names:
             n_in = weight_shape(modules[name])[1]
@@ -172,7 +175,8 @@ class SafetyStatistics:
             statistics = cls(sums, header["site_of"], header["num_tokens"], header["num_prompts"], header["metadata"])
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
             raise ValueError(f"'{path}' holds a damaged peft_safety statistics header ({err!r}).") from err
-        statistics.validate(f"The safety statistics in '{path}'")
+        statistics.source = path
+        statistics.validate(require_scale=False)  # an all-zero site is refused only where an adapter uses it
         return statistics
 
     def fingerprint(self) -> str:

@@ -115,10 +115,27 @@ def test_statistics_no_adapter_can_be_built_from(model, stats, tmp_path, change,
     bad = _with(stats, change)
     with untouched(model), pytest.raises(ValueError, match=message):
         get_peft_model(model, GuardSpaceConfig(r=4, target_modules=LLAMA_TARGETS, safety_statistics=bad))
-    # saved to a file (as a damaged or hand-made file would be): loading names the file
-    bad.save(tmp_path / "bad.safetensors")
-    with pytest.raises(ValueError, match=f"'{tmp_path / 'bad.safetensors'}'.*{message}"):
-        SafetyStatistics.load(tmp_path / "bad.safetensors")
+    # saved to a file (as a damaged or hand-made file would be): the error names the file
+    path = tmp_path / "bad.safetensors"
+    bad.save(path)
+    with untouched(model), pytest.raises(ValueError, match=f"'{path}'.*{message}"):
+        get_peft_model(model, GuardSpaceConfig(r=4, target_modules=LLAMA_TARGETS, safety_statistics=str(path)))
+    if "NaN" in message:  # non-finite sums are refused on loading already
+        with pytest.raises(ValueError, match=f"'{path}'.*{message}"):
+            SafetyStatistics.load(path)
+
+
+def test_a_zero_site_the_adapter_does_not_use_is_accepted(tokenizer, stats, tmp_path):
+    bad = _with(stats, lambda site, s: s.zero_() if "layers.1" in site else s)
+    bad.save(tmp_path / "stats.safetensors")
+    config = GuardSpaceConfig(
+        r=4,
+        target_modules=LLAMA_TARGETS,
+        layers_to_transform=[0],
+        safety_statistics=str(tmp_path / "stats.safetensors"),
+    )
+    peft_model = get_peft_model(make_llama(tokenizer), config)
+    assert len(peft_model.peft_config["default"].null_space_dims) == 7
 
 
 def test_statistics_without_tokens(model, stats):
