@@ -133,7 +133,7 @@ def _upgrade_plain_lora_layers(model: nn.Module, config) -> None:
     ``lora.Linear`` / bnb ``Linear4bit`` / ``Linear8bitLt`` is re-classed in place; its adapters behave as before.
     Every target is checked before any is re-classed.
     """
-    from ._targets import resolve_target_modules
+    from ._targets import config_targets
     from .guardspace.bnb import BNB_LAYERS
     from .guardspace.layer import GuardSpaceLayerMixin, GuardSpaceLinear
 
@@ -141,7 +141,7 @@ def _upgrade_plain_lora_layers(model: nn.Module, config) -> None:
     modules = dict(model.named_modules())
     wrapped = [
         modules[name]
-        for name in resolve_target_modules(model, config.target_modules, config.exclude_modules)
+        for name in config_targets(model, config)
         if isinstance(modules[name], BaseTunerLayer) and not isinstance(modules[name], GuardSpaceLayerMixin)
     ]
     unsupported = [module for module in wrapped if type(module) not in upgrades]

@@ -25,11 +25,17 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def resolve_target_modules(
-    model: nn.Module, target_modules: str | Iterable[str] | None, exclude_modules: str | Iterable[str] | None = None
+    model: nn.Module,
+    target_modules: str | Iterable[str] | None,
+    exclude_modules: str | Iterable[str] | None = None,
+    layers_to_transform: int | list[int] | None = None,
+    layers_pattern: str | list[str] | None = None,
 ) -> list[str]:
     """Names of the linear layers of ``model`` that PEFT would target with ``target_modules``.
 
-    Matching is PEFT's own (suffix match for a list, full match for a regex string, ``"all-linear"``).
+    Matching is PEFT's own (suffix match for a list, full match for a regex string, ``"all-linear"`` expanded to
+    the linear layers' name suffixes as PEFT does), including ``exclude_modules``, ``layers_to_transform`` and
+    ``layers_pattern``: a layer PEFT leaves alone is not returned.
 
     Raises:
         ValueError: when nothing matches, or when a matched module is not a linear layer.
@@ -47,18 +53,32 @@ def resolve_target_modules(
         ]
         if not names:
             raise ValueError("`target_modules='all-linear'` matched no linear layer in the model.")
-        return names
+        # PEFT replaces "all-linear" by the set of these layers' last name segments, then matches as for a list
+        target_modules = sorted({name.rsplit(".", 1)[-1] for name in names})
+        candidates = set(names)
+    else:
+        candidates = None
 
-    probe = LoraConfig(target_modules=target_modules, exclude_modules=exclude_modules)
+    probe = LoraConfig(
+        target_modules=target_modules,
+        exclude_modules=exclude_modules,
+        layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern,
+    )
     matched = [
         name
         for name, _ in model.named_modules()
-        if name and not _is_inside_tuner_layer(model, name) and check_target_module_exists(probe, name)
+        if name
+        and (candidates is None or name in candidates)
+        and not _is_inside_tuner_layer(model, name)
+        and check_target_module_exists(probe, name)
     ]
     if not matched:
+        layers = "" if layers_to_transform is None else f" in layers {layers_to_transform!r}"
         raise ValueError(
-            f"`target_modules={target_modules!r}` matched no module of {type(model).__name__}. "
-            "Use names as they appear in `model.named_modules()`, e.g. ['q_proj', 'v_proj'] or 'all-linear'."
+            f"`target_modules={target_modules!r}` matched no module of {type(model).__name__}{layers}. "
+            "Use names as they appear in `model.named_modules()`, e.g. ['q_proj', 'v_proj'] or 'all-linear'"
+            + (", and layer indices the model has." if layers else ".")
         )
     modules = dict(model.named_modules())
     not_linear = [name for name in matched if not isinstance(_base_layer(modules[name]), LINEAR_TYPES)]
@@ -73,3 +93,14 @@ def resolve_target_modules(
 def _is_inside_tuner_layer(model: nn.Module, name: str) -> bool:
     """True for the sub-modules of a PEFT layer (``...q_proj.base_layer``, ``...q_proj.lora_A.default``)."""
     return ".base_layer" in name or ".lora_" in name
+
+
+def config_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """:func:`resolve_target_modules` with the target options of ``config`` (exclusions and layer indices)."""
+    return resolve_target_modules(
+        model,
+        config.target_modules,
+        config.exclude_modules,
+        getattr(config, "layers_to_transform", None),
+        getattr(config, "layers_pattern", None),
+    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,17 +25,18 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ._bnb_cpu import disable_bnb_cpu_packing
 from ._device import input_device
+from ._files import atomic_save_file
 from ._prompts import prompt_texts, uses_chat_template
 from ._targets import resolve_target_modules, weight_shape
 
 STATISTICS_FORMAT = "peft_safety.safety_statistics/1"
 Normalization = Literal["none", "prompt_max"]
+NORMALIZATIONS = ("none", "prompt_max")
 EXCLUDE_BOS_REASON = (
     "statistics without the BOS token let the adapter change BOS's layer outputs, and attention carries that change "
     "to every later position, so the guarantee is lost on all tokens of the calibration prompts, not only at BOS. "
@@ -52,6 +54,7 @@ class SafetyStatistics:
         num_tokens: number of tokens ``T`` accumulated (the same for every site).
         num_prompts: number of prompts.
         metadata: model class, hidden size, module shapes, prompt hash and collection options.
+        source: the file the statistics were loaded from (``None`` otherwise), named in error messages; not saved.
     """
 
     covariance_sums: dict[str, torch.Tensor]
@@ -59,6 +62,7 @@ class SafetyStatistics:
     num_tokens: int
     num_prompts: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: str | None = field(default=None, repr=False, compare=False)  # the file it was loaded from
 
     @property
     def module_names(self) -> list[str]:
@@ -70,6 +74,33 @@ class SafetyStatistics:
 
     def modules_of_site(self, site: str) -> list[str]:
         return [name for name, s in self.site_of.items() if s == site]
+
+    def validate(self, sites: Sequence[str] | None = None, require_scale: bool = True) -> None:
+        """Raise a ``ValueError`` naming the file (when loaded from one) and the site for statistics no adapter can
+        be built from: no tokens, a missing site, a covariance sum that is not square, holds NaN/Inf or (with
+        ``require_scale``) is all zero (no scale to damp: a NaN adapter). ``sites``: the sites to check (all)."""
+        source = f"The safety statistics in '{self.source}'" if self.source else "The safety statistics"
+        if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens < 1:
+            raise ValueError(f"{source} count {self.num_tokens!r} tokens; collect them again on non-empty prompts.")
+        unknown = sorted(set(self.site_of.values()) - set(self.covariance_sums))
+        if unknown:
+            raise ValueError(f"{source} have no covariance for site(s) {unknown[:3]}; collect them again.")
+        for site in self.covariance_sums if sites is None else dict.fromkeys(sites):
+            value = self.covariance_sums[site]
+            if value.ndim != 2 or value.shape[0] != value.shape[1]:
+                raise ValueError(f"{source}: the covariance of '{site}' has shape {tuple(value.shape)}, not (n, n).")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"{source}: the covariance of '{site}' holds NaN or Inf (the model produced non-finite "
+                    "activations, or the file is damaged). Collect the statistics again with the model in float32 "
+                    "or bfloat16 (float16 activations overflow)."
+                )
+            if require_scale and not bool(value.diagonal().gt(0).any()):
+                raise ValueError(
+                    f"{source}: the covariance of '{site}' is all zeros (no calibration input reached this layer, "
+                    "or its inputs are all zero), so it defines no null space. Collect the statistics again on "
+                    "this model, or leave this layer out of `target_modules`."
+                )
 
     def check_matches(self, model: nn.Module, module_names: Sequence[str]) -> None:
         """Raise a ``ValueError`` unless these statistics cover ``module_names`` of ``model`` with matching shapes.
@@ -88,6 +119,7 @@ class SafetyStatistics:
                 f"{len(self.site_of)} modules such as {self.module_names[:3]}. Collect statistics with the same "
                 "`target_modules` (collect_safety_statistics(..., target_modules=...)) on this model."
             )
+        self.validate(sites=[self.site_of[name] for name in module_names])
         modules = dict(model.named_modules())
         for name in module_names:
             n_in = weight_shape(modules[name])[1]
@@ -102,7 +134,8 @@ class SafetyStatistics:
     def save(self, path: str | os.PathLike) -> None:
         """Write a ``.safetensors`` file (tensors per site, everything else as JSON metadata).
 
-        Under ``torch.distributed`` only rank 0 writes; every rank holds the same statistics.
+        Under ``torch.distributed`` only rank 0 writes; every rank holds the same statistics. The file is written to a
+        temporary file next to ``path`` and renamed over it: an interrupted save leaves the previous file intact.
         """
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return
@@ -114,7 +147,7 @@ class SafetyStatistics:
             "num_prompts": self.num_prompts,
             "metadata": self.metadata,
         }
-        save_file(tensors, os.fspath(path), metadata={"peft_safety": json.dumps(header)})
+        atomic_save_file(tensors, path, {"peft_safety": json.dumps(header)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SafetyStatistics:
@@ -133,11 +166,19 @@ class SafetyStatistics:
             raise ValueError(f"'{path}' is not a safetensors file written by peft_safety ({err}).") from err
         if raw_header is None:
             raise ValueError(f"'{path}' is a safetensors file but holds no peft_safety statistics header.")
-        header = json.loads(raw_header)
-        if header.get("format") != STATISTICS_FORMAT:
-            raise ValueError(f"'{path}' has statistics format {header.get('format')!r}, expected {STATISTICS_FORMAT}.")
-        sums = {key.removeprefix("site."): value for key, value in tensors.items()}
-        return cls(sums, header["site_of"], header["num_tokens"], header["num_prompts"], header["metadata"])
+        try:
+            header = json.loads(raw_header)
+            if header.get("format") != STATISTICS_FORMAT:
+                raise ValueError(
+                    f"'{path}' has statistics format {header.get('format')!r}, expected {STATISTICS_FORMAT}."
+                )
+            sums = {key.removeprefix("site."): value for key, value in tensors.items()}
+            statistics = cls(sums, header["site_of"], header["num_tokens"], header["num_prompts"], header["metadata"])
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
+            raise ValueError(f"'{path}' holds a damaged peft_safety statistics header ({err!r}).") from err
+        statistics.source = path
+        statistics.validate(require_scale=False)  # an all-zero site is refused only where an adapter uses it
+        return statistics
 
     def fingerprint(self) -> str:
         """SHA-256 over the covariance sums and counts: equal statistics give equal fingerprints on every rank."""
@@ -172,9 +213,26 @@ def _tokenize(
     return encoded
 
 
-def _batches(encoded, batch_size: int, device: torch.device):
-    for start in range(0, len(encoded), batch_size):
+def batch_count(num_prompts: int, world: int, batch_size: int) -> int:
+    """Forward passes every rank runs for ``num_prompts`` prompts sharded round-robin over ``world`` ranks.
+
+    Rank 0 holds the most prompts (``ceil(num_prompts / world)``); the other ranks pad up to its batch count with
+    uncounted forwards, because under a sharded model (FSDP, DeepSpeed ZeRO-3) every forward is a collective and
+    a rank that stops early would leave the others waiting forever.
+    """
+    return math.ceil(math.ceil(num_prompts / world) / batch_size)
+
+
+def _batches(encoded, batch_size: int, device: torch.device, count: int | None = None):
+    """``(input_ids, attention_mask, counted)`` batches of ``encoded``; with ``count``, padded with copies of the
+    first batch whose tokens are not counted, up to ``count`` batches."""
+    starts = list(range(0, len(encoded), batch_size))
+    for index in range(max(len(starts), count or 0)):
+        padding = index >= len(starts)
+        start = 0 if padding else starts[index]
         chunk = encoded[start : start + batch_size]
+        if padding:
+            chunk = [(ids, [False] * len(ids)) for ids, _ in chunk]
         width = max(len(ids) for ids, _ in chunk)
         input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
         attention = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -243,8 +301,20 @@ def collect_safety_statistics(
     if exclude_bos:
         raise ValueError(f"`exclude_bos=True` is no longer supported: {EXCLUDE_BOS_REASON}")
     texts = prompt_texts(prompts, text_column, "GuardSpace needs harmful calibration prompts (e.g. AdvBench).")
-    if batch_size < 1 or max_length < 1:
-        raise ValueError(f"`batch_size` and `max_length` must be positive, got {batch_size} and {max_length}.")
+    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}, got {normalization!r}.")
+    if accumulate_dtype not in (torch.float64, torch.float32):
+        raise ValueError(
+            f"`accumulate_dtype` must be torch.float64 (default) or torch.float32, got {accumulate_dtype!r}."
+        )
+    if accumulate_device is not None:
+        try:
+            torch.device(accumulate_device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"`accumulate_device={accumulate_device!r}` is not a torch device ({err}).") from err
     module_names = resolve_target_modules(model, target_modules)
     chat_template = uses_chat_template(tokenizer, chat_template)
     encoded = _tokenize(tokenizer, texts, max_length, chat_template)
@@ -297,7 +367,7 @@ def collect_safety_statistics(
     try:
         for index, (input_ids, attention, counted) in enumerate(
             tqdm(
-                list(_batches(local, batch_size, device)),
+                list(_batches(local, batch_size, device, batch_count(len(encoded), world, batch_size))),
                 desc="Collecting safety statistics",
                 disable=not show_progress or rank != 0,
             )

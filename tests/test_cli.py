@@ -263,3 +263,106 @@ def test_import_registers_with_peft_whatever_the_import_order():
         )
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip().splitlines()[-1] == "True", order
+
+
+@pytest.fixture(scope="module")
+def broken(work, tmp_path_factory):
+    """A model folder and a GuardSpace adapter folder whose safetensors files are cut short, and a read-only folder."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("broken")
+    shutil.copytree(work / "model", root / "model")
+    shutil.copytree(work / "guard", root / "guard")
+    for path in (root / "model" / "model.safetensors", root / "guard" / "adapter_model.safetensors"):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (root / "tiny.safetensors").write_bytes(b"\x01")
+    return root
+
+
+def _bad_cli_cases(work, broken) -> list[tuple[list[str], str]]:
+    model, harmful, guard, missing = str(work / "model"), str(work / "harmful.txt"), str(work / "guard"), "/nope/dir"
+    stats = ["stats", "--model", model, "--prompts", harmful]
+    merge = ["merge", "--model", model, "--adapters", str(work / "task_a"), str(work / "task_b"), "--safety-data",
+             harmful, "--output", str(work / "never_merged")]  # fmt: skip
+    export = ["export", "--model", model, "--adapter", guard]
+    evaluate = ["eval", "--model", model, "--harmful", harmful]
+    report = ["report", "--model", model, "--adapter", guard]
+    return [
+        ([*stats, "--output", f"{missing}/stats.safetensors"], "--output '/nope/dir/stats.safetensors': The folder"),
+        ([*stats, "--output", str(work)], "is a folder; give a file name"),
+        ([*stats, "--device", "bogus", "--output", str(work / "s.safetensors")], "--device 'bogus' is not a torch"),
+        ([*stats, "--device", "cuda:99", "--output", str(work / "s.safetensors")], "CUDA"),
+        ([*stats, "--normalization", "bogus", "--output", "x"], "invalid choice: 'bogus'"),
+        (
+            ["stats", "--model", str(broken / "model"), "--prompts", harmful, "--output", str(work / "s.safetensors")],
+            "model.safetensors' is truncated or corrupt",
+        ),  # fmt: skip
+        ([*merge, "--masks-output", f"{missing}/masks.safetensors"], "--masks-output '/nope/dir/masks.safetensors'"),
+        ([*merge, "--masks-output", str(work)], "--masks-output"),
+        ([*merge, "--option", "max_steps=abc"], "--option: max_steps must be an integer, got 'abc'"),
+        ([*merge, "--option", "temperature=NaN"], "--option: temperature must be a finite number"),
+        ([*merge, "--option", "init_logit=Infinity"], "--option: init_logit must be a finite number"),
+        ([*merge, "--option", "learning_rate=0"], "--option: learning_rate must be in (0, inf)"),
+        ([*merge, "--option", "seed=-1"], "--option: seed must be >= 0"),
+        ([*merge, "--option", "progress_bar=maybe"], "--option: progress_bar must be true or false"),
+        ([*merge, "--option", "final_mask=random"], "--option: final_mask must be one of"),
+        ([*merge, "--option", "noise"], "expected KEY=VALUE"),
+        ([*merge, "--weights", "nan", "1"], "--weights must be finite numbers"),
+        ([*merge, "--weights", "1", "inf"], "--weights must be finite numbers"),
+        ([*merge, "--density", "nan"], "--density must be in (0, 1]"),
+        ([*merge, "--adapter-name", "task_a"], "--adapter-name 'task_a' is also the name of an input adapter"),
+        ([*merge, "--device", "bogus"], "--device 'bogus' is not a torch device"),
+        (
+            [
+                "merge",
+                "--model",
+                model,
+                "--adapters",
+                str(broken / "guard"),
+                "--safety-data",
+                harmful,
+                "--output",
+                str(work / "never_merged"),
+            ],
+            "adapter_model.safetensors' is truncated or corrupt",
+        ),  # fmt: skip
+        ([*export, "--output", str(work / "harmful.txt")], "--output"),
+        ([*export, "--device", "bogus", "--output", str(work / "never_exported")], "--device 'bogus'"),
+        (
+            ["export", "--model", model, "--adapter", str(broken / "guard"), "--output", str(work / "never_exported")],
+            "adapter_model.safetensors' is truncated or corrupt",
+        ),  # fmt: skip
+        ([*evaluate, "--output", f"{missing}/results.json"], "--output '/nope/dir/results.json'"),
+        (
+            [*evaluate, "--output", str(work / "r.json"), "--plot", f"{missing}/plot.png"],
+            "--plot '/nope/dir/plot.png'",
+        ),
+        ([*evaluate, "--output", str(work / "r.json"), "--judge-threshold", "nan"], "--judge-threshold must be in"),
+        ([*evaluate, "--output", str(work / "r.json"), "--judge-threshold", "2"], "--judge-threshold must be in"),
+        ([*evaluate, "--output", str(work / "r.json"), "--device", "cuda:99"], "CUDA"),
+        ([*report, "--json", f"{missing}/report.json"], "--json '/nope/dir/report.json'"),
+        ([*report, "--plot", f"{missing}/plot.png"], "--plot '/nope/dir/plot.png'"),
+        ([*report, "--heldout-statistics", str(broken / "tiny.safetensors")], "--heldout-statistics"),
+        (["report", "--model", str(broken / "model"), "--adapter", guard], "model.safetensors' is truncated"),
+    ]
+
+
+def test_bad_cli_inputs_fail_before_any_work(work, broken, capsys):
+    """Each mistake: exit code 2, one line on stderr, and no output file or folder created."""
+    before = sorted(os.listdir(work))
+    for argv, message in _bad_cli_cases(work, broken):
+        try:
+            code = main(argv)
+        except SystemExit as exit_info:  # argparse errors
+            code = exit_info.code
+        assert code == 2, argv
+        assert message in _one_line_error(capsys.readouterr().err), argv
+        assert sorted(os.listdir(work)) == before, argv
+
+
+def test_truncated_model_in_subprocess(work, broken):
+    failed = run_cli("stats", "--model", str(broken / "model"), "--prompts", str(work / "harmful.txt"),
+                     "--output", str(work / "never.safetensors"))  # fmt: skip
+    assert failed.returncode == 2
+    assert "is truncated or corrupt" in _one_line_error(failed.stderr)
+    assert not (work / "never.safetensors").exists()

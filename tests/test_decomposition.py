@@ -44,8 +44,26 @@ def test_damping_doubling_rule(tolerance):
 
 
 def test_damping_gives_up_with_a_clear_error():
-    with pytest.raises(ValueError, match="Could not damp"):
-        damp_covariance(torch.eye(4, dtype=torch.float64), tolerance=0.0, max_doublings=3)
+    c = covariance_of(low_rank_inputs(20, 48) * torch.logspace(0, 6, 48).double())
+    with pytest.raises(ValueError, match="Could not damp the covariance of site 'x'.*Raise `damping_tolerance`"):
+        damp_covariance(c, tolerance=1e-30, max_doublings=3, site="site 'x'")
+
+
+@pytest.mark.parametrize(
+    "covariance, kwargs, message",
+    [
+        (torch.zeros(4, 4, dtype=torch.float64), {}, "diagonal mean is 0 .*no scale to damp"),
+        (torch.full((4, 4), float("nan"), dtype=torch.float64), {}, "holds NaN or Inf"),
+        (torch.eye(4, dtype=torch.float64) * float("inf"), {}, "holds NaN or Inf"),
+        (-torch.eye(4, dtype=torch.float64), {}, "diagonal mean is -1"),
+        (torch.eye(4, dtype=torch.float64), {"tolerance": 0.0}, "must be finite positive numbers"),
+        (torch.eye(4, dtype=torch.float64), {"start": 0.0}, "must be finite positive numbers"),
+        (torch.eye(4, dtype=torch.float64), {"start": float("nan")}, "must be finite positive numbers"),
+    ],
+)
+def test_each_damping_failure_has_its_own_message(covariance, kwargs, message):
+    with pytest.raises(ValueError, match=f"Cannot damp the covariance of site 's': .*{message}"):
+        damp_covariance(covariance, site="site 's'", **kwargs)
 
 
 @pytest.mark.parametrize("scaling", [1.0, 2.0, 0.5])

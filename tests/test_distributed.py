@@ -32,6 +32,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 PROBED = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
 SHARDS = [BENIGN_TEXTS[:2], BENIGN_TEXTS[2:]]  # each rank's training batch
 STEPS, LR = 3, 1e-3
+UNEVEN_PROMPTS = HARMFUL_PROMPTS[:5]  # 3 prompts on rank 0, 2 on rank 1
 
 
 def _config(statistics) -> GuardSpaceConfig:
@@ -125,6 +126,7 @@ def _rank_work(rank: int, out: Path) -> dict:
     if rank == 0:
         peft_model.save_pretrained(out / "adapter")
     fsdp_guarantee = _fsdp2_run(rank, tokenizer, statistics)
+    uneven_fingerprint, uneven_tokens = _fsdp2_uneven_statistics(tokenizer)
     somf_checksum, somf_moved = _somf_run(tokenizer)
     checksum = sum(float(p.detach().double().sum()) for p in peft_model.parameters() if p.requires_grad)
     dist.barrier()
@@ -138,6 +140,8 @@ def _rank_work(rank: int, out: Path) -> dict:
         checksum=checksum,
         wrapped=wrapped,
         fsdp_guarantee=fsdp_guarantee,
+        uneven_fingerprint=uneven_fingerprint,
+        uneven_tokens=uneven_tokens,
         somf_checksum=somf_checksum,
         somf_moved=somf_moved,
         distributed_type=str(accelerator.distributed_type),
@@ -166,6 +170,21 @@ def _fsdp2_run(rank: int, tokenizer, statistics) -> float:
     trained = logits_of(peft_model, tokenizer, HARMFUL_PROMPTS)
     assert moved.isfinite().all()
     return _max_rel(trained, base)
+
+
+def _fsdp2_uneven_statistics(tokenizer) -> tuple[str, int]:
+    """Statistics on an FSDP2-sharded model (every forward all-gathers weights, a collective) with prompts that do
+    not split evenly: rank 0 gets 3 prompts, rank 1 gets 2, one per batch. Every rank must run 3 forwards."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_llama(tokenizer)
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    statistics = collect_safety_statistics(
+        model, tokenizer, UNEVEN_PROMPTS, TARGETS, batch_size=1, show_progress=False
+    )
+    return statistics.fingerprint(), statistics.num_tokens
 
 
 def _somf_run(tokenizer) -> tuple[float, float]:
@@ -244,6 +263,12 @@ def test_two_process_statistics_and_ddp_training(tmp_path):
     print("guarantee per rank (max relative change):", [result["guarantee"] for result in results])
     print("FSDP2 guarantee per rank (calibration logits):", [result["fsdp_guarantee"] for result in results])
     assert all(result["fsdp_guarantee"] < 1e-4 for result in results)
+    # uneven shards under FSDP2: no hang (the ranks pad to the same forward count), same statistics as 1 process
+    uneven = collect_safety_statistics(
+        make_llama(tokenizer), tokenizer, UNEVEN_PROMPTS, TARGETS, batch_size=1, show_progress=False
+    )
+    assert results[0]["uneven_fingerprint"] == results[1]["uneven_fingerprint"]
+    assert all(result["uneven_tokens"] == uneven.num_tokens for result in results)
     assert all(result["guarantee"] < 1e-4 for result in results), [r["guarantee"] for r in results]
     assert results[0]["checksum"] == pytest.approx(results[1]["checksum"], rel=1e-9)
     # SOMF under data parallelism: the masks trained, and stayed identical on both ranks

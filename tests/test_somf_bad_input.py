@@ -41,6 +41,14 @@ CASES = [
     (dict(retain_data=[{"question": "q"}]), r"retain_data is missing column\(s\) \['prompt', 'completion'\]"),
     (dict(config=SOMFConfig(reference_adapter="task")), "reference adapter 'task' cannot also be"),
     (dict(config=SOMFConfig(objective="sft")), r"missing column\(s\) \['completion'\]"),
+    (dict(weights=[float("nan"), 1.0]), "weights must be finite numbers.*nan would give a NaN adapter"),
+    (dict(weights=[1.0, float("inf")]), "weights must be finite numbers.*inf would give a NaN adapter"),
+    (dict(weights=[-float("inf"), 1.0]), "weights must be finite numbers"),
+    (dict(weights=["1", 1.0]), "weights must be finite numbers"),
+    (dict(combination_type="ties", density=float("nan")), r"density must be in \(0, 1\]"),
+    (dict(adapters="poisoned"), "adapters must be a non-empty list"),
+    (dict(adapters=[]), "adapters must be a non-empty list"),
+    (dict(adapters=["poisoned", "poisoned"]), "adapters contains duplicates"),
 ]
 
 

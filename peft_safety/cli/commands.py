@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from typing import Any
 
 from .errors import UsageError, _print
-from .inputs import _pick_column, _require_file, load_prompts, read_rows
+from .inputs import _output_dir, _output_file, _pick_column, _require_file, load_prompts, read_rows
 from .models import _check_adapter_dir, _check_model_dir, _load_adapter, load_causal_lm, load_model
 
 
@@ -17,6 +18,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
         from ..statistics import EXCLUDE_BOS_REASON
 
         raise UsageError(f"--exclude-bos is no longer supported: {EXCLUDE_BOS_REASON}")
+    _output_file(args.output, "--output")
     _check_model_dir(args.model)
     prompts = load_prompts(args.prompts, args.column, args.limit)
     from ..statistics import collect_safety_statistics
@@ -51,6 +53,8 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
+    _output_dir(args.output, "--output")
+    _output_file(args.masks_output, "--masks-output")
     _check_model_dir(args.model)
     for path in args.adapters:
         _check_adapter_dir(path, "--adapters")
@@ -60,7 +64,11 @@ def cmd_merge(args: argparse.Namespace) -> None:
     weights = args.weights or [1.0] * len(names)
     if len(weights) != len(names):
         raise UsageError(f"--weights has {len(weights)} values for {len(names)} adapters")
-    if args.density is not None and not 0.0 < args.density <= 1.0:
+    if not all(math.isfinite(weight) for weight in weights):
+        raise UsageError(f"--weights must be finite numbers, got {weights}")
+    if args.adapter_name in names:
+        raise UsageError(f"--adapter-name {args.adapter_name!r} is also the name of an input adapter; choose another")
+    if args.density is not None and not 0.0 < args.density <= 1.0:  # also refuses NaN
         raise UsageError(f"--density must be in (0, 1], got {args.density}")
     safety_data = read_rows(_require_file(args.safety_data, "--safety-data"))
     options = dict(_parse_option(o) for o in args.option)
@@ -70,7 +78,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
         raise UsageError(f"SOMF is not available in this installation of peft_safety ({err})") from err
     try:
         config = SOMFConfig(**options)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise UsageError(f"--option: {err}") from err
     extra = {}
     if args.retain_data:
@@ -102,6 +110,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    _output_dir(args.output, "--output")
     _check_model_dir(args.model)
     _check_adapter_dir(args.adapter)
     from ..guardspace import export_to_lora
@@ -146,6 +155,8 @@ def _check_lora_adapter_dir(path: str) -> None:
 
 
 def cmd_safe_lora(args: argparse.Namespace) -> None:
+    _output_dir(args.output, "--output")
+    _output_file(args.json, "--json")
     _check_model_dir(args.model)
     _check_model_dir(args.unaligned, "--unaligned")
     _check_lora_adapter_dir(args.adapter)
@@ -199,6 +210,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if not (args.harmful or args.benign or args.task):
         raise UsageError("nothing to evaluate: give --harmful, --benign and/or --task")
+    _output_file(args.output, "--output")
+    _output_file(args.plot, "--plot")
     _check_model_dir(args.model)
     if args.adapter:
         _check_adapter_dir(args.adapter)
@@ -216,6 +229,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.flagged_labels:
         judge_kwargs["flagged_labels"] = args.flagged_labels.split(",")
     if args.judge_threshold is not None:
+        if not 0.0 <= args.judge_threshold <= 1.0:  # also refuses NaN
+            raise UsageError(f"--judge-threshold must be in [0, 1], got {args.judge_threshold}")
         judge_kwargs["threshold"] = args.judge_threshold
     from ..evaluation.judges import KeywordJudge, load_judge
 
@@ -254,8 +269,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     previous["methods"][method] = {name: r.score for name, r in results.items()}
     if args.records:
         previous.setdefault("details", {})[method] = {name: r.to_dict() for name, r in results.items()}
-    with open(args.output, "w", encoding="utf-8") as handle:
-        json.dump(previous, handle, indent=2, ensure_ascii=False)
+    from .._files import atomic_write_text
+
+    atomic_write_text(args.output, json.dumps(previous, indent=2, ensure_ascii=False))
     summary = ", ".join(f"{name} {r.score:.3f} ({r.num_prompts} prompts)" for name, r in results.items())
     _print(f"{method}: {summary}; results in {args.output}")
     if args.plot:
@@ -267,6 +283,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    _output_file(args.json, "--json")
+    _output_file(args.plot, "--plot")
     _check_model_dir(args.model)
     _check_adapter_dir(args.adapter)
     from ..guardspace import guardspace_report
@@ -287,8 +305,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         raise UsageError(str(err)) from err
     _print(str(report))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report.to_dict(), handle, indent=2)
+        from .._files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
         _print(f"Report in {args.json}")
     if args.plot:
         from ..evaluation.metrics import plot_null_space

@@ -20,6 +20,28 @@ def _require_file(path: str, flag: str) -> str:
     return path
 
 
+def _output_file(path: str | None, flag: str) -> None:
+    """Refuse an output file that cannot be written (missing folder, a folder, no permission) before any work."""
+    if path is None:
+        return
+    from .._files import check_output_file
+
+    try:
+        check_output_file(path, "file")
+    except OSError as err:
+        raise UsageError(f"{flag} {path!r}: {err}") from err
+
+
+def _output_dir(path: str, flag: str) -> None:
+    """Refuse an output folder that cannot be created or written before any work."""
+    from .._files import check_output_dir
+
+    try:
+        check_output_dir(path, "folder")
+    except OSError as err:
+        raise UsageError(f"{flag} {path!r}: {err}") from err
+
+
 def read_rows(path: str, headerless: bool = False) -> list[dict[str, Any]]:
     """Rows of a data file as dicts: ``.txt`` (one ``text`` per line), ``.json`` (list of objects or strings, or
     an object of parallel lists), ``.jsonl`` / ``.jsonl.gz``, ``.csv`` / ``.tsv`` (header row unless

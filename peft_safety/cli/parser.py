@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from .commands import cmd_eval, cmd_export, cmd_merge, cmd_report, cmd_safe_lora, cmd_stats
 from .errors import EXIT_USAGE, UsageError, _Parser
 from .inputs import PROMPT_COLUMNS
+from .models import check_device
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -190,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("PEFT_SAFETY_DEBUG", "") not in ("", "0")
     try:
         _positive_ints(args)
+        check_device(getattr(args, "device", None))
         args.func(args)
     except (UsageError, ValueError, TypeError, KeyError, OSError, ImportError) as err:
         if debug:

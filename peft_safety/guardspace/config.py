@@ -3,6 +3,7 @@ null space of harmful activations."""
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -16,6 +17,14 @@ from .layer import GUARDSPACE_INIT
 RankAllocation = Literal["uniform", "null_dim"]
 FactorScale = Literal["auto", "bounded", "paper", "balanced"]
 _UNSUPPORTED_LORA_OPTIONS = ("use_dora", "use_qalora", "use_bdlora", "loftq_config", "eva_config", "corda_config")
+# options that train parameters outside the null-space projection (whole modules, token embeddings, aLoRA's
+# invocation-dependent activation): the guarantee would not cover them
+_OUTSIDE_PROJECTION_OPTIONS = ("modules_to_save", "trainable_token_indices", "alora_invocation_tokens")
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (``int`` or ``float``, not ``bool``)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -131,9 +140,17 @@ class GuardSpaceConfig(LoraConfig):
         enabled = [name for name in _UNSUPPORTED_LORA_OPTIONS if getattr(self, name, None)]
         if enabled:
             raise ValueError(f"GuardSpaceConfig cannot be combined with {enabled}; use a plain LoraConfig for those.")
+        outside = [name for name in _OUTSIDE_PROJECTION_OPTIONS if getattr(self, name, None)]
+        if outside:
+            raise ValueError(
+                f"GuardSpaceConfig cannot be combined with {outside}: they train parameters outside the null-space "
+                "projection, which the safety guarantee does not cover. Remove them (add those modules to "
+                "`target_modules` instead where they are linear layers), or use a plain LoraConfig."
+            )
+        self._check_numbers()
         super().__post_init__()
         if self.null_space_threshold != "auto" and not (
-            isinstance(self.null_space_threshold, (int, float)) and 0.0 < self.null_space_threshold < 1.0
+            _is_number(self.null_space_threshold) and 0.0 < self.null_space_threshold < 1.0
         ):
             raise ValueError(
                 f"`null_space_threshold` must be 'auto' or a number in (0, 1), got {self.null_space_threshold!r}."
@@ -157,7 +174,7 @@ class GuardSpaceConfig(LoraConfig):
                 stacklevel=3,
             )
         if self.max_calibration_leakage is not None and not (
-            isinstance(self.max_calibration_leakage, (int, float)) and 0.0 <= self.max_calibration_leakage < 1.0
+            _is_number(self.max_calibration_leakage) and 0.0 <= self.max_calibration_leakage < 1.0
         ):
             raise ValueError(
                 f"`max_calibration_leakage` must be None or a number in [0, 1), got {self.max_calibration_leakage!r}."
@@ -166,9 +183,29 @@ class GuardSpaceConfig(LoraConfig):
             raise ValueError(f"`rank_allocation` must be 'uniform' or 'null_dim', got {self.rank_allocation!r}.")
         if isinstance(self.safety_statistics, os.PathLike):
             self.safety_statistics = os.fspath(self.safety_statistics)
+        if self.safety_statistics is not None and not isinstance(self.safety_statistics, (str, SafetyStatistics)):
+            raise ValueError(
+                "`safety_statistics` must be a SafetyStatistics object (collect_safety_statistics(...)) or the path "
+                f"of a statistics file, got {type(self.safety_statistics).__name__}."
+            )
         from .._peft_compat import register_guardspace_layers
 
         register_guardspace_layers(self)
+
+    def _check_numbers(self) -> None:
+        """Refuse ranks, scalings and damping options that would give a NaN (or silently dead) adapter."""
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"`r` must be a positive integer, got {self.r!r}.")
+        if not _is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(
+                f"`lora_alpha` must be a finite positive number, got {self.lora_alpha!r}: the adapter's scaling "
+                "`lora_alpha / r` divides the initial factors, so 0, a negative value or NaN gives a NaN model. "
+                "Use e.g. lora_alpha=2 * r."
+            )
+        for name in ("damping_start", "damping_tolerance"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"`{name}` must be a finite positive number, got {value!r}.")
 
     @classmethod
     def from_prompts(

@@ -6,6 +6,7 @@ Everything is computed in float64 and returned in float32 unless stated.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import scipy.linalg
@@ -44,7 +45,11 @@ class ProjectorBasis:
 
 
 def damp_covariance(
-    covariance: torch.Tensor, start: float = 0.01, tolerance: float = 0.05, max_doublings: int = 40
+    covariance: torch.Tensor,
+    start: float = 0.01,
+    tolerance: float = 0.05,
+    max_doublings: int = 40,
+    site: str = "the layer",
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Damped covariance ``C~ = C + d * mean(diag C) * I`` and its inverse (the paper's doubling rule).
 
@@ -52,11 +57,31 @@ def damp_covariance(
 
     Returns:
         ``(C~, C~^{-1}, d)`` in float64.
+
+    Raises:
+        ValueError: each cause with its own message (``site`` names the covariance): a non-finite covariance, a
+            covariance without scale (all zero), invalid ``start``/``tolerance``, or a tolerance not reached.
     """
+    if not (start > 0 and tolerance > 0 and math.isfinite(start) and math.isfinite(tolerance)):
+        raise ValueError(
+            f"Cannot damp the covariance of {site}: damping_start={start!r} and damping_tolerance={tolerance!r} "
+            "must be finite positive numbers."
+        )
     c = covariance.double()
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError(
+            f"Cannot damp the covariance of {site}: it holds NaN or Inf. Collect the safety statistics again "
+            "(the model produced non-finite activations, or the statistics file is corrupt)."
+        )
     n = c.shape[0]
     eye = torch.eye(n, dtype=c.dtype, device=c.device)
-    scale = torch.diagonal(c).mean().clamp_min(torch.finfo(c.dtype).tiny)
+    scale = torch.diagonal(c).mean()
+    if not bool(scale > 0):
+        raise ValueError(
+            f"Cannot damp the covariance of {site}: its diagonal mean is {float(scale):g} (all-zero or not a "
+            "covariance), so it has no scale to damp. Collect the safety statistics again on this model, or leave "
+            "this layer out of `target_modules`."
+        )
     damping = start
     for _ in range(max_doublings):
         damped = c + damping * scale * eye
@@ -64,7 +89,11 @@ def damp_covariance(
         if torch.linalg.matrix_norm(damped @ inverse - eye) < tolerance:
             return damped, inverse, damping
         damping *= 2
-    raise ValueError(f"Could not damp the covariance to an invertible matrix after {max_doublings} doublings.")
+    raise ValueError(
+        f"Could not damp the covariance of {site} to an invertible matrix within damping_tolerance={tolerance:g} "
+        f"after {max_doublings} doublings of damping_start={start:g} (the inverse stays inaccurate in float64). "
+        "Raise `damping_tolerance` (default 0.05) or `damping_start` (default 0.01)."
+    )
 
 
 def eigenpairs(symmetric: torch.Tensor, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:

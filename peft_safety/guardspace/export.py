@@ -15,8 +15,8 @@ from dataclasses import fields
 import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
-from safetensors.torch import save_file
 
+from .._files import atomic_save_file, check_output_dir
 from .config import GuardSpaceConfig
 from .layer import GuardSpaceLinear, GuardSpaceVariant
 from .report import guardspace_report
@@ -57,11 +57,24 @@ def export_to_lora(peft_model: PeftModel, path: str | os.PathLike, adapter_name:
     Returns:
         The ``LoraConfig`` written.
     """
-    config = peft_model.peft_config.get(adapter_name)
-    if not isinstance(config, GuardSpaceConfig):
+    configs = getattr(peft_model, "peft_config", None)
+    if not isinstance(configs, dict):
         raise ValueError(
-            f"'{adapter_name}' is not a GuardSpace adapter of this model (found {type(config).__name__})."
+            f"export_to_lora needs a PeftModel holding a GuardSpace adapter, got {type(peft_model).__name__}."
         )
+    config = configs.get(adapter_name)
+    if config is None:
+        raise ValueError(
+            f"The model has no adapter named '{adapter_name}'; its adapters are {list(configs)}. "
+            "Pass adapter_name=<one of them>."
+        )
+    if not isinstance(config, GuardSpaceConfig):
+        guarded = [name for name, value in configs.items() if isinstance(value, GuardSpaceConfig)]
+        raise ValueError(
+            f"'{adapter_name}' is not a GuardSpace adapter (it is a {type(config).__name__}); "
+            f"the GuardSpace adapters of this model are {guarded}."
+        )
+    check_output_dir(path, "export folder")
     state_dict = {
         key: value
         for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()
@@ -77,6 +90,6 @@ def export_to_lora(peft_model: PeftModel, path: str | os.PathLike, adapter_name:
     os.makedirs(path, exist_ok=True)
     certificate = guardspace_report(peft_model, adapter_name).certificate()
     metadata = {"format": "pt", "peft_safety.calibration_leakage": json.dumps(certificate)}
-    save_file(state_dict, os.path.join(path, SAFETENSORS_WEIGHTS_NAME), metadata=metadata)
+    atomic_save_file(state_dict, os.path.join(path, SAFETENSORS_WEIGHTS_NAME), metadata)
     lora_config.save_pretrained(os.fspath(path))
     return lora_config

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from .._targets import resolve_target_modules, weight_shape
+from .._targets import config_targets, weight_shape
 from ..distributed import full_weight
 from ..statistics import SafetyStatistics
 from .config import GuardSpaceConfig
@@ -52,7 +53,9 @@ class InitSession:
         """``(C, C~, C~^-1)`` of ``site`` in float64, ``C = S / T``."""
         if self.damped_site != site:
             covariance = self.statistics.covariance_sums[site].double() / self.statistics.num_tokens
-            damped, inverse, _ = damp_covariance(covariance, config.damping_start, config.damping_tolerance)
+            damped, inverse, _ = damp_covariance(
+                covariance, config.damping_start, config.damping_tolerance, site=f"site '{site}'"
+            )
             self.damped_site, self.damped = site, (covariance, damped, inverse)
         return self.damped
 
@@ -66,7 +69,7 @@ def prepare_injection(config: GuardSpaceConfig, model: nn.Module) -> None:
     from .bnb import check_quantization  # bitsandbytes only; other quantisation backends get a clear error
 
     check_quantization(model)
-    names = resolve_target_modules(model, config.target_modules, config.exclude_modules)
+    names = config_targets(model, config)
     _check_patterns(config, names)
     statistics = config.load_statistics()
     if statistics is None:
@@ -104,16 +107,41 @@ def prepare_injection(config: GuardSpaceConfig, model: nn.Module) -> None:
         shapes = {name: weight_shape(modules[name]) for name in names}
         null_dims = {name: bases[statistics.site_of[name]].null_dim for name in names}
         config.rank_pattern = {**config.rank_pattern, **allocate_ranks(null_dims, shapes, config)}
+    _warn_rank_above_null_dim(config, names, {name: bases[statistics.site_of[name]].null_dim for name in names})
     config.null_space_dims = {}
     config.near_null_dims = {}
     config.null_space_sites = {}
     config._guardspace_session = InitSession(statistics, bases)
 
 
+def _warn_rank_above_null_dim(config: GuardSpaceConfig, names: list[str], null_dims: dict[str, int]) -> None:
+    """Warn, naming the layers, where the rank exceeds the null-space dimension ``k`` (only ``k`` of the ``r``
+    directions can learn). Layers without null space (``k = 0``) are legitimate and reported after injection."""
+    over = {
+        name: (_module_rank(config, name), k) for name, k in null_dims.items() if 0 < k < _module_rank(config, name)
+    }
+    if not over:
+        return
+    examples = ", ".join(f"{name} (r={r}, k={k})" for name, (r, k) in list(over.items())[:3])
+    warnings.warn(
+        f"GuardSpace: the rank exceeds the null-space dimension k of {len(over)} of {len(names)} layers, e.g. "
+        f"{examples}: only k of the r directions of their adapters can learn, the rest is wasted. Lower `r` (or "
+        "set `rank_pattern` for these layers), or use rank_allocation='null_dim'.",
+        UserWarning,
+        stacklevel=2,
+    )
+
+
 def _check_patterns(config: GuardSpaceConfig, names: list[str]) -> None:
     for label, pattern in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
         for key, value in pattern.items():
-            if not isinstance(value, (int, float)) or value <= 0:
+            if (
+                not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value <= 0
+                or (label == "rank_pattern" and not float(value).is_integer())
+            ):
                 raise ValueError(f"{label}[{key!r}] must be a positive number, got {value!r}.")
             if not any(get_pattern_key([key], name) == key for name in names):
                 raise ValueError(f"{label} key {key!r} matches none of the {len(names)} target modules.")

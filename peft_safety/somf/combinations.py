@@ -63,9 +63,33 @@ class Combination:
         """Fuse ``tasks`` (``k`` tensors) into one tensor of the fused adapter's shape."""
         raise NotImplementedError
 
+    def combine_seeded(
+        self,
+        tasks: list[torch.Tensor],
+        weights: torch.Tensor,
+        density: float | None,
+        side: Side,
+        majority: str,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """:meth:`combine`, with the random choices (DARE drops) drawn from ``generator`` instead of the global RNG.
+
+        A random method is then computed as ``sum_i c_i * T_i`` from :meth:`coefficients` (the same merge as
+        PEFT's, with drops from ``generator``); the global random state is neither read nor changed.
+        """
+        if not self.random:
+            return self.combine(tasks, weights, density, side, majority)
+        coefficients = self.coefficients(tasks, weights, density, majority, generator)
+        return sum(coefficient * task for coefficient, task in zip(coefficients, tasks, strict=True))
+
     @torch.no_grad()
     def coefficients(
-        self, tasks: list[torch.Tensor], weights: torch.Tensor, density: float | None, majority: str
+        self,
+        tasks: list[torch.Tensor],
+        weights: torch.Tensor,
+        density: float | None,
+        majority: str,
+        generator: torch.Generator | None = None,
     ) -> list[torch.Tensor]:
         """Entrywise coefficients ``c_i`` (each of the shape of ``T_i``) with ``combine(tasks) = sum_i c_i * T_i``.
 
@@ -75,7 +99,7 @@ class Combination:
         :mod:`~peft_safety.somf.fusion`). Draws the same DARE drops as :meth:`combine` under the same RNG state.
         """
         weights = weights.to(tasks[0])
-        keeps = [self._keep(task, density) for task in tasks]
+        keeps = [self._keep(task, density, generator) for task in tasks]
         coefficients = [keep * weight for keep, weight in zip(keeps, weights.tolist(), strict=True)]
         if self.elect_sign:
             signs = merge_utils.calculate_majority_sign_mask(
@@ -85,13 +109,15 @@ class Combination:
             coefficients = [coefficient * sign / count for coefficient, sign in zip(coefficients, signs, strict=True)]
         return coefficients
 
-    def _keep(self, task: torch.Tensor, density: float | None) -> torch.Tensor:
+    def _keep(
+        self, task: torch.Tensor, density: float | None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Multiplier of the entries of ``task`` kept by ``merge_utils.prune`` (``0``/``1``, or ``0``/``1/density``
-        for DARE)."""
+        for DARE, drawn from ``generator`` when given)."""
         if self.prune_method is None or density is None or density >= 1:
             return torch.ones_like(task)
         if self.prune_method == "random":
-            return torch.bernoulli(torch.full_like(task, density)) / density
+            return torch.bernoulli(torch.full_like(task, density), generator=generator) / density
         keep = torch.zeros_like(task).reshape(-1)
         keep[torch.topk(task.abs().reshape(-1), k=int(density * task.numel()), largest=True)[1]] = 1
         return keep.reshape(task.shape)

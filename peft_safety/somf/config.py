@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -9,6 +10,22 @@ Objective = Literal["dpo", "sft"]
 FinalMask = Literal["expected", "budget", "bernoulli", "threshold"]
 FINAL_MASKS = ("expected", "budget", "bernoulli", "threshold")
 OBJECTIVES = ("dpo", "sft")
+# float field -> (lower bound, upper bound (exclusive), lower bound included); every value must also be finite
+_FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
+    "beta": (0.0, math.inf, False),
+    "rpo_alpha": (0.0, math.inf, True),
+    "temperature": (0.0, math.inf, False),
+    "init_logit": (-math.inf, math.inf, False),
+    "retain_weight": (0.0, math.inf, True),
+    "revert_budget": (0.0, 1.0, True),
+    "budget_weight": (0.0, math.inf, True),
+    "learning_rate": (0.0, math.inf, False),
+}
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (``int`` or ``float``, not ``bool``)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -88,15 +105,26 @@ class SOMFConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}.")
         if self.final_mask not in FINAL_MASKS:
             raise ValueError(f"final_mask must be one of {FINAL_MASKS}, got {self.final_mask!r}.")
-        if self.rpo_alpha < 0:
-            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}.")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
-        if not 0 <= self.revert_budget < 1:
-            raise ValueError(f"revert_budget must be in [0, 1), got {self.revert_budget}.")
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name, (low, high, closed_low) in _FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
+            if (value < low if closed_low else value <= low) or value >= high:
+                bracket = "[" if closed_low else "("
+                raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}), got {value!r}.")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "eval_batches", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}.")
+            if value < (0 if name == "seed" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'seed' else 1}, got {value}.")
+        for name in ("rescale", "shared_mask", "progress_bar"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        if self.reference_adapter is not None and (
+            not isinstance(self.reference_adapter, str) or not self.reference_adapter
+        ):
+            raise ValueError(f"reference_adapter must be an adapter name or None, got {self.reference_adapter!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

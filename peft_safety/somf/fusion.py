@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .._device import seeded_rng
 from .combinations import Combination
 from .masks import mask_key
 from .relaxed import concrete_masked
@@ -167,11 +166,7 @@ class MaskedFusion:
                 for adapter in self.adapters
             ]
             weights = self.combination.side_weights(self.weights, scalings, side)
-            if self.combination.random:
-                with seeded_rng(noise_seed * 100_003 + 2 * site_index + side_index, tasks[0].device):
-                    merged = self.combination.combine(tasks, weights, self.density, side, self.majority)
-            else:
-                merged = self.combination.combine(tasks, weights, self.density, side, self.majority)
+            merged = self._combine(tasks, weights, site_index, side_index, noise_seed, side)
             if ref is not None:
                 merged = merged + ref.scaling**0.5 * getattr(ref, f"lora_{side}")
             fused.append(merged)
@@ -198,8 +193,8 @@ class MaskedFusion:
         else:  # pick entries on the masked tasks, then project each adapter's picked part
             with torch.no_grad():
                 tasks = [sum(scale * masked for masked, scale, _ in terms) for terms in parts]
-            with seeded_rng(noise_seed * 100_003 + 2 * site_index, tasks[0].device):
-                coefficients = self.combination.coefficients(tasks, weights, self.density, self.majority)
+            generator = _generator(tasks[0].device, noise_seed * 100_003 + 2 * site_index)
+            coefficients = self.combination.coefficients(tasks, weights, self.density, self.majority, generator)
             merged = sum(
                 scale * owner.project(coefficient * masked)
                 for terms, coefficient in zip(parts, coefficients, strict=True)
@@ -212,11 +207,12 @@ class MaskedFusion:
     def _combine(
         self, tasks: list[torch.Tensor], weights: torch.Tensor, site_index: int, side_index: int, noise_seed: int, side
     ) -> torch.Tensor:
-        """``combination.combine`` with the DARE drops seeded from ``(noise_seed, site, side)``."""
+        """``combination.combine`` with the DARE drops drawn from a local generator seeded with ``(noise_seed, site,
+        side)``: the global CPU and CUDA random states are left untouched."""
         if not self.combination.random:
             return self.combination.combine(tasks, weights, self.density, side, self.majority)
-        with seeded_rng(noise_seed * 100_003 + 2 * site_index + side_index, tasks[0].device):
-            return self.combination.combine(tasks, weights, self.density, side, self.majority)
+        generator = _generator(tasks[0].device, noise_seed * 100_003 + 2 * site_index + side_index)
+        return self.combination.combine_seeded(tasks, weights, self.density, side, self.majority, generator)
 
     @staticmethod
     def _task_vector(site: Site, adapter: str, side: str, ref) -> torch.Tensor:
@@ -276,3 +272,8 @@ class MaskedFusion:
         """``x A^T B^T`` for the fused ``(A, B)`` at ``site``; ``x`` is ``(..., n)``, the result ``(..., m)``."""
         lora_A, lora_B = self.fused_factors(site, index, mode, noise_seed)
         return F.linear(F.linear(x.to(device=lora_A.device, dtype=lora_A.dtype), lora_A), lora_B)
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    """A fresh generator on ``device`` seeded with ``seed`` (reduced to the generator's seed range)."""
+    return torch.Generator(device=device).manual_seed(seed % 2**63)

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from .._files import atomic_save_file
 
 FORMAT_VERSION = "1"
 
@@ -69,26 +70,31 @@ class SafetyMasks:
         if mode == "threshold":
             return {key: (value > 0).float() for key, value in self.logits.items()}
         if mode == "bernoulli":
+            # drawn in sorted key order: the same masks whatever the order of ``logits`` (a loaded file's is sorted)
             generator = torch.Generator().manual_seed(int(self.config.get("seed", 0)))
-            return {
-                key: torch.bernoulli(torch.sigmoid(value), generator=generator) for key, value in self.logits.items()
+            drawn = {
+                key: torch.bernoulli(torch.sigmoid(self.logits[key].float().cpu()), generator=generator)
+                for key in sorted(self.logits)
             }
+            return {key: drawn[key].to(value.device) for key, value in self.logits.items()}
         if mode == "budget":
             return self._budget_masks(float(self.config.get("revert_budget", 0.0)))
         raise ValueError(f"Unknown final mask mode {mode!r}.")
 
     def _budget_masks(self, budget: float) -> dict[str, torch.Tensor]:
-        flat = torch.cat([value.reshape(-1) for value in self.logits.values()])
+        keys = sorted(self.logits)  # canonical order: ties resolve the same way after save/load
+        flat = torch.cat([self.logits[key].reshape(-1) for key in keys])
         count = int(budget * flat.numel())
         keep = torch.ones_like(flat)
         if count > 0:
             order = torch.sort(flat, stable=True).indices  # deterministic: ties resolved by position
             keep[order[:count]] = 0.0
         masks, offset = {}, 0
-        for key, value in self.logits.items():
+        for key in keys:
+            value = self.logits[key]
             masks[key] = keep[offset : offset + value.numel()].view_as(value)
             offset += value.numel()
-        return masks
+        return {key: masks[key] for key in self.logits}
 
     # ---------------------------------------------------------------------------------------------- reporting
     def kept_fraction(self, mode: str | None = None) -> dict[str, dict[str, float]]:
@@ -138,21 +144,35 @@ class SafetyMasks:
             "config": json.dumps(self.config),
             "history": json.dumps(self.history),
         }
-        save_file({key: value.contiguous() for key, value in self.logits.items()}, os.fspath(path), metadata=metadata)
+        atomic_save_file({key: value.contiguous() for key, value in self.logits.items()}, path, metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SafetyMasks:
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if "peft_safety_somf" not in metadata:
-                raise ValueError(f"{os.fspath(path)} is not a SOMF masks file (no 'peft_safety_somf' metadata).")
-            logits = {key: handle.get_tensor(key) for key in handle.keys()}
-        return cls(
-            logits=logits,
-            adapters=json.loads(metadata["adapters"]),
-            config=json.loads(metadata["config"]),
-            history=json.loads(metadata.get("history", "{}")),
-        )
+        """Read masks written by :meth:`save`; raises ``ValueError`` naming the file for anything else."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"SOMF masks file '{path}' does not exist. Save masks with SafetyMasks.save().")
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                logits = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as err:  # safetensors raises several error types for foreign or truncated files
+            raise ValueError(f"'{path}' is not a safetensors file written by peft_safety ({err}).") from err
+        if "peft_safety_somf" not in metadata:
+            raise ValueError(f"{path} is not a SOMF masks file (no 'peft_safety_somf' metadata).")
+        try:
+            masks = cls(
+                logits=logits,
+                adapters=json.loads(metadata["adapters"]),
+                config=json.loads(metadata["config"]),
+                history=json.loads(metadata.get("history", "{}")),
+            )
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"'{path}' holds a damaged SOMF masks header ({err!r}).") from err
+        bad = [key for key, value in logits.items() if not bool(torch.isfinite(value).all())]
+        if bad:
+            raise ValueError(f"'{path}' holds NaN or Inf mask logits (e.g. {bad[0]}); learn the masks again.")
+        return masks
 
     def check_compatible(self, adapters: list[str], expected_shapes: dict[str, tuple[int, ...]]) -> None:
         """Raise ``ValueError`` unless these masks were learned for ``adapters`` with exactly these logit shapes."""

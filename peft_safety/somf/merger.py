@@ -260,8 +260,11 @@ def _write_adapter(lora_model: LoraModel, adapters, adapter_name, sites: list[Si
         use_rslora=False,
         use_dora=False,
     )
+    # PEFT draws a random init for the new adapter, overwritten below: keep the caller's random state untouched
+    devices = sorted({param.device.index or 0 for param in lora_model.parameters() if param.device.type == "cuda"})
     try:
-        lora_model.inject_adapter(lora_model.model, adapter_name)
+        with torch.random.fork_rng(devices=devices):
+            lora_model.inject_adapter(lora_model.model, adapter_name)
         for site, (lora_A, lora_B) in zip(sites, fused, strict=True):
             module = site.module
             if adapter_name not in module.lora_A:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from peft import PeftModel
 from peft.tuners.lora import LoraModel
 
@@ -47,6 +49,12 @@ def check_request(
         raise ValueError(f"The reference adapter {reference!r} cannot also be one of the adapters to fuse.")
     if weights is not None and len(weights) != len(adapters):
         raise ValueError(f"weights has {len(weights)} entries for {len(adapters)} adapters {adapters}.")
+    if weights is not None:
+        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
+        if bad:
+            raise ValueError(
+                f"weights must be finite numbers, got {list(weights)}: {bad[0]!r} would give a NaN adapter."
+            )
     if adapter_name is not None and adapter_name in known:
         raise ValueError(
             f"An adapter named {adapter_name!r} already exists; choose another adapter_name or delete it first "
