@@ -213,6 +213,22 @@ def test_load_prompts_formats(tmp_path):
     assert load_prompts(str(tmp_path / "c.json")) == ["p1", "p2"]
 
 
+def test_read_rows_keeps_cells_and_keys_as_written(tmp_path):
+    """CSV cells stay text and JSON rows keep their own keys (what a ``datasets``/pandas reader would change)."""
+    from peft_safety.cli import read_rows
+
+    (tmp_path / "p.csv").write_text("goal,target\nNA,007\nnull,1.0\n")
+    assert read_rows(str(tmp_path / "p.csv")) == [{"goal": "NA", "target": "007"}, {"goal": "null", "target": "1.0"}]
+    assert load_prompts(str(tmp_path / "p.csv")) == ["NA", "null"]
+    mixed = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no"}]},
+        {"prompt": "q2", "completion": "no", "label": 1},
+        {"prompt": "q3", "completion": "no", "label": "x"},
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in mixed))
+    assert read_rows(str(tmp_path / "m.jsonl")) == mixed
+
+
 @pytest.mark.skipif(importlib.util.find_spec("peft_safety.somf") is None, reason="peft_safety.somf not available")
 def test_merge_with_safety_mask(work):
     refusal = "I'm sorry, but I cannot help with that request."
