@@ -95,14 +95,14 @@ def __dir__() -> list[str]:
 
 
 def _register_with_peft() -> None:
-    """Install the GuardSpace/SOMF wrappers into PEFT (:func:`peft_safety._peft_compat.install`); idempotent."""
+    """Install the GuardSpace/SOMF wrappers into PEFT (`peft_safety._peft_compat.install()`); idempotent."""
     from . import _peft_compat
 
     _peft_compat.install()
 
 
 class _RegisterOnPeftImport(importlib.abc.MetaPathFinder):
-    """Runs :func:`_register_with_peft` right after ``peft`` has been imported, then leaves ``sys.meta_path``.
+    """Runs `_register_with_peft()` right after ``peft`` has been imported, then leaves ``sys.meta_path``.
 
     It finds nothing itself: it asks the other finders for ``peft``'s spec and wraps that spec's loader. A spec
     looked up without an import (``importlib.util.find_spec("peft")``, as ``transformers`` does to see whether PEFT

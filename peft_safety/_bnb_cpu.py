@@ -13,8 +13,9 @@ training too, computes in bfloat16 whatever ``bnb_4bit_compute_dtype`` says. Thr
   are quantised again from their bfloat16 values (the live weight moves by ~0.2 %), and without double quantisation
   the scales stay transposed in bfloat16 (the live weight is wrong as soon as a row has more than one block).
 
-:func:`disable_bnb_cpu_packing` turns the conversion off for every 4-bit layer of a model and undoes it where it
-already happened. peft_safety calls it when it collects statistics on a model and when it adds GuardSpace adapters.
+[`disable_bnb_cpu_packing()`][peft_safety.disable_bnb_cpu_packing] turns the conversion off for every 4-bit layer of a
+model and undoes it where it already happened. peft_safety calls it when it collects statistics on a model and when it
+adds GuardSpace adapters.
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ def disable_bnb_cpu_packing(model: nn.Module) -> int:
 
     Call it right after loading a 4-bit model on CPU if you need float32-exact results, ``save_pretrained`` that
     leaves the model as it was, or merges (plain LoRA included); peft_safety calls it itself in
-    :func:`~peft_safety.collect_safety_statistics` and when it adds GuardSpace adapters. A layer that already ran in
-    eval mode is converted back, with the loss described in this module's docstring; loading the model afresh avoids
-    that. GPU layers are not affected (the conversion is CPU-only); CPU inference loses the bfloat16 kernel's speed.
+    [`collect_safety_statistics()`][peft_safety.collect_safety_statistics] and when it adds GuardSpace adapters. A
+    layer that already ran in eval mode is converted back, with the loss described in this module's docstring; loading
+    the model afresh avoids that. GPU layers are not affected (the conversion is CPU-only); CPU inference loses the
+    bfloat16 kernel's speed.
     """
     try:
         import bitsandbytes as bnb

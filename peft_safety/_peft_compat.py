@@ -11,7 +11,7 @@ config exactly to PEFT:
 * ``LoraModel.add_weighted_adapter``: PEFT reads ``lora_A``/``lora_B`` directly and would ignore a GuardSpace
   adapter's projector and frozen offset (a wrong adapter, NaN after save/reload). When a named adapter is a
   GuardSpace adapter, the merge goes through SOMF's unmasked merge of the exact exported factors (re-projected, see
-  :mod:`peft_safety.somf.fusion`) for the combinations SOMF implements, and the SVD ones are refused before the
+  `peft_safety.somf.fusion`) for the combinations SOMF implements, and the SVD ones are refused before the
   model is touched.
 * ``PeftModel.save_pretrained``: records each saved GuardSpace adapter's leakage certificate in its config
   (``calibration_leakage`` in ``adapter_config.json``).
@@ -263,7 +263,7 @@ def attach_merge_with_safety_mask() -> None:
 
         return merge(self, *args, **kwargs)
 
-    merge_with_safety_mask.__doc__ = "See :func:`peft_safety.somf.merge_with_safety_mask`."
+    merge_with_safety_mask.__doc__ = "See `peft_safety.somf.merge_with_safety_mask()`."
     LoraModel.merge_with_safety_mask = merge_with_safety_mask
 
 

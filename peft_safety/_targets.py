@@ -96,7 +96,7 @@ def _is_inside_tuner_layer(model: nn.Module, name: str) -> bool:
 
 
 def config_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """:func:`resolve_target_modules` with the target options of ``config`` (exclusions and layer indices)."""
+    """`resolve_target_modules()` with the target options of ``config`` (exclusions and layer indices)."""
     return resolve_target_modules(
         model,
         config.target_modules,

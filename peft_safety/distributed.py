@@ -1,14 +1,15 @@
 """Multi-process helpers: checking that every rank holds the same statistics, and reading sharded weights.
 
 ``collect_safety_statistics`` shards the prompts across ranks and all-reduces the sums and counts, so every rank
-should end with identical statistics; :func:`verify_statistics_across_ranks` checks it (one SHA-256 fingerprint
-per rank, gathered with ``all_gather_object``) before anything is initialised from them.
+should end with identical statistics; [`verify_statistics_across_ranks()`][peft_safety.verify_statistics_across_ranks]
+checks it (one SHA-256 fingerprint per rank, gathered with ``all_gather_object``) before anything is initialised from
+them.
 
-:func:`full_weight` reads a base weight that a distributed engine may have sharded: DeepSpeed ZeRO-3 parameters
-are gathered with ``peft.utils.integrations.gather_params_ctx`` (a no-op without ZeRO-3) and FSDP2 / tensor-parallel
-``DTensor`` weights with ``full_tensor()`` (a collective: every rank must read the same layers in the same order,
-which the GuardSpace init does). A weight that is still partitioned (ZeRO-3 outside the gather, FSDP1 flat
-parameters) raises a clear error instead of producing a silently wrong init.
+[`full_weight()`][peft_safety.distributed.full_weight] reads a base weight that a distributed engine may have sharded:
+DeepSpeed ZeRO-3 parameters are gathered with ``peft.utils.integrations.gather_params_ctx`` (a no-op without ZeRO-3)
+and FSDP2 / tensor-parallel ``DTensor`` weights with ``full_tensor()`` (a collective: every rank must read the same
+layers in the same order, which the GuardSpace init does). A weight that is still partitioned (ZeRO-3 outside the
+gather, FSDP1 flat parameters) raises a clear error instead of producing a silently wrong init.
 """
 
 from __future__ import annotations

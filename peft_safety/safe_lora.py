@@ -21,7 +21,7 @@ Everything is computed from the factors, never from a dense ``dW`` or ``C``: wit
 ``||dW||^2 = s^2 tr(B^T B G_A)`` and ``C B = V K / ||V||``: two ``O(m n r)`` products and ``r x r`` matrices per
 layer. Layers are streamed one at a time over ``named_modules``: at most one layer's aligned and unaligned weights
 and its ``V`` (dequantised for bitsandbytes, gathered for ZeRO-3 / DTensor weights through
-:func:`peft_safety.distributed.full_weight`) exist at once.
+[`peft_safety.distributed.full_weight()`][peft_safety.distributed.full_weight]) exist at once.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class SafeLoRALayer:
 
 @dataclass(frozen=True)
 class SafeLoRAReport:
-    """What :func:`apply_safe_lora` did: one :class:`SafeLoRALayer` per LoRA layer, in ``named_modules`` order.
+    """What [`apply_safe_lora()`][peft_safety.apply_safe_lora] did: one
+    [`SafeLoRALayer`][peft_safety.safe_lora.SafeLoRALayer] per LoRA layer, in ``named_modules`` order.
 
     ``threshold`` is the similarity threshold used (``None`` when ``budget`` chose the layers); ``budget`` the
     number of layers asked for (``None`` with a threshold).
@@ -344,7 +345,7 @@ def apply_safe_lora(
     """Project the LoRA layers of ``adapter_name`` whose update leaves the alignment subspace (Safe LoRA).
 
     Per LoRA layer (base weight ``m x n``, update ``dW = s B A``): ``V = W_aligned - W_unaligned``,
-    ``C = V V^T / ||V||_F`` (the paper's projector; not idempotent, see :mod:`peft_safety.safe_lora`) and
+    ``C = V V^T / ||V||_F`` (the paper's projector; not idempotent, see `peft_safety.safe_lora`) and
     ``sim = <C dW, dW>_F / (||C dW||_F ||dW||_F)`` in ``[0, 1]``. A selected layer gets ``lora_B <- C B``
     (``m x r``): the adapter stays a plain rank-``r`` LoRA adapter, ``lora_A`` and the scaling are unchanged.
     Cost ``O(m n r)`` per layer; the layers are streamed, so only one layer's ``V`` exists at a time. All checks
@@ -373,7 +374,8 @@ def apply_safe_lora(
             adapter's own dtype.
 
     Returns:
-        A :class:`SafeLoRAReport`: per layer the similarity, whether it was projected or skipped, ``||V||_F``.
+        A [`SafeLoRAReport`][peft_safety.SafeLoRAReport]: per layer the similarity, whether it was projected or
+        skipped, ``||V||_F``.
 
     Raises:
         ValueError: before anything changes, for an unknown, GuardSpace, DoRA or merged adapter, a threshold or

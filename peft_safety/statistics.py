@@ -151,7 +151,10 @@ class SafetyStatistics:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SafetyStatistics:
-        """Read statistics written by :meth:`save`. Only safetensors files are accepted (nothing is unpickled)."""
+        """Read statistics written by [`save()`][peft_safety.SafetyStatistics.save].
+
+        Only safetensors files are accepted (nothing is unpickled).
+        """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -284,8 +287,8 @@ def collect_safety_statistics(
         max_length: prompts are truncated to this many tokens.
         text_column: column of a ``datasets.Dataset`` holding the prompts.
         chat_template: wrap each prompt as a user turn with the tokenizer's chat template. ``None`` (default):
-            when the tokenizer has one, as :func:`~peft_safety.evaluation.harmful_score` does; the covariance
-            should describe the inputs the model sees at inference.
+            when the tokenizer has one, as [`harmful_score()`][peft_safety.evaluation.harmful_score] does; the
+            covariance should describe the inputs the model sees at inference.
         exclude_bos: deprecated, must stay ``False``. ``True`` raises a ``ValueError``: without BOS in the
             covariance the adapter may change BOS's outputs, and through attention every later position's.
         normalization: ``"none"`` or ``"prompt_max"`` (the paper's code: divide each prompt's inputs by their

@@ -213,6 +213,22 @@ def test_load_prompts_formats(tmp_path):
     assert load_prompts(str(tmp_path / "c.json")) == ["p1", "p2"]
 
 
+def test_read_rows_keeps_cells_and_keys_as_written(tmp_path):
+    """CSV cells stay text and JSON rows keep their own keys (what a ``datasets``/pandas reader would change)."""
+    from peft_safety.cli import read_rows
+
+    (tmp_path / "p.csv").write_text("goal,target\nNA,007\nnull,1.0\n")
+    assert read_rows(str(tmp_path / "p.csv")) == [{"goal": "NA", "target": "007"}, {"goal": "null", "target": "1.0"}]
+    assert load_prompts(str(tmp_path / "p.csv")) == ["NA", "null"]
+    mixed = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no"}]},
+        {"prompt": "q2", "completion": "no", "label": 1},
+        {"prompt": "q3", "completion": "no", "label": "x"},
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in mixed))
+    assert read_rows(str(tmp_path / "m.jsonl")) == mixed
+
+
 @pytest.mark.skipif(importlib.util.find_spec("peft_safety.somf") is None, reason="peft_safety.somf not available")
 def test_merge_with_safety_mask(work):
     refusal = "I'm sorry, but I cannot help with that request."
@@ -221,7 +237,7 @@ def test_merge_with_safety_mask(work):
     out = work / "merged"
     code = main([
         "merge", "--model", str(work / "model"), "--adapters", str(work / "task_a"), str(work / "task_b"),
-        "--safety-data", str(work / "safety.jsonl"), "--option", "max_steps=2", "--option", "progress_bar=false",
+        "--safety-data", str(work / "safety.jsonl"), "--somf-max-steps", "2", "--no-somf-progress-bar",
         "--output", str(out), "--masks-output", str(work / "masks.safetensors"),
     ])  # fmt: skip
     assert code == 0
@@ -307,6 +323,17 @@ def _bad_cli_cases(work, broken) -> list[tuple[list[str], str]]:
         ([*merge, "--option", "progress_bar=maybe"], "--option: progress_bar must be true or false"),
         ([*merge, "--option", "final_mask=random"], "--option: final_mask must be one of"),
         ([*merge, "--option", "noise"], "expected KEY=VALUE"),
+        ([*merge, "--option", "bogus=1"], "--option: "),
+        ([*merge, "--option", "max_steps=3", "--somf-max-steps", "2"], "both set max_steps; give it once"),
+        ([*merge, "--somf-max-steps", "abc"], "argument --somf-max-steps: invalid int value: 'abc'"),
+        ([*merge, "--somf-max-steps", "0"], "--somf-max-steps: max_steps must be >= 1"),
+        ([*merge, "--somf-temperature", "nan"], "--somf-temperature: temperature must be a finite number"),
+        ([*merge, "--somf-learning-rate", "0"], "--somf-learning-rate: learning_rate must be in (0, inf)"),
+        ([*merge, "--somf-seed", "-1"], "--somf-seed: seed must be >= 0"),
+        ([*merge, "--somf-final-mask", "random"], "argument --somf-final-mask: invalid choice: 'random'"),
+        ([*merge, "--somf-objective", "ppo"], "argument --somf-objective: invalid choice: 'ppo'"),
+        ([*merge, "--somf-progress-bar", "false"], "unrecognized arguments: false"),
+        ([*merge, "--somf-reference-adapter", ""], "--somf-reference-adapter: reference_adapter must be"),
         ([*merge, "--weights", "nan", "1"], "--weights must be finite numbers"),
         ([*merge, "--weights", "1", "inf"], "--weights must be finite numbers"),
         ([*merge, "--density", "nan"], "--density must be in (0, 1]"),
@@ -366,3 +393,50 @@ def test_truncated_model_in_subprocess(work, broken):
     assert failed.returncode == 2
     assert "is truncated or corrupt" in _one_line_error(failed.stderr)
     assert not (work / "never.safetensors").exists()
+
+
+def _merge_args(*extra: str):
+    from peft_safety.cli.parser import build_parser
+
+    base = ["merge", "--model", "m", "--adapters", "a", "--safety-data", "s.jsonl", "--output", "o"]
+    return build_parser().parse_args([*base, *extra])
+
+
+def test_somf_flags_cover_every_config_field_with_its_help(capsys):
+    import dataclasses
+
+    from peft_safety import SOMFConfig
+
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    help_text = capsys.readouterr().out
+    for field in dataclasses.fields(SOMFConfig):
+        flag = "--somf-" + field.name.replace("_", "-")
+        assert flag in help_text, flag
+        assert field.metadata["help"].rstrip(".").split()[0] in help_text
+    assert "--no-somf-progress-bar" in help_text and "{expected,budget,bernoulli,threshold}" in help_text
+
+
+def test_somf_flags_build_the_config_and_option_is_a_deprecated_alias(capsys):
+    from peft_safety import SOMFConfig
+    from peft_safety.cli.commands import _somf_config
+
+    flags = _merge_args(
+        "--somf-max-steps", "7", "--somf-temperature", "0.25", "--no-somf-progress-bar", "--somf-final-mask", "budget",
+        "--somf-reference-adapter", "safe",
+    )  # fmt: skip
+    expected = SOMFConfig(
+        max_steps=7, temperature=0.25, progress_bar=False, final_mask="budget", reference_adapter="safe"
+    )
+    assert _somf_config(flags) == expected
+    assert capsys.readouterr().err == ""
+    assert _somf_config(_merge_args()) == SOMFConfig()
+
+    legacy = _merge_args(
+        "--option", "max_steps=7", "--option", "temperature=0.25", "--option", "progress_bar=false",
+        "--option", "final_mask=budget", "--option", "reference_adapter=safe",
+    )  # fmt: skip
+    assert _somf_config(legacy) == expected
+    warning = _one_line_error(capsys.readouterr().err)
+    assert "--option is deprecated" in warning
+    assert "--somf-max-steps 7 --somf-temperature 0.25 --no-somf-progress-bar --somf-final-mask budget" in warning

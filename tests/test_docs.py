@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -129,3 +130,27 @@ def test_site_has_concepts_guides_and_results(site):
     assert "rank_allocation" in calibration and "fingerprint" in calibration
     assert 'class="arithmatex"' in calibration  # maths went through pymdownx.arithmatex
     assert (site / "results_quick.png").is_file()
+
+
+API_PAGES = ("guardspace", "statistics", "distributed", "somf", "safe-lora", "evaluation")
+
+
+def test_api_pages_have_no_raw_sphinx_roles_or_outside_references(site):
+    # Docstrings are Markdown for mkdocstrings: a Sphinx role (:func:`x`) would show up literally on the page.
+    raw_role = re.compile(r":(?:py:)?(?:func|meth|class|mod|attr|data|exc|obj|ref):")
+    # Nothing outside the repository is cited (sibling checkouts, machine paths, internal reference notes).
+    outside = re.compile(r"\.\./shared|/work/|\bREFERENCE\b")
+    for name in API_PAGES:
+        page = _page(site, f"api/{name}")
+        assert not raw_role.search(page), f"api/{name}: raw Sphinx role {raw_role.search(page).group(0)!r}"
+        assert not outside.search(page), f"api/{name}: cites {outside.search(page).group(0)!r}"
+
+
+def test_api_cross_references_and_signatures_are_rendered(site):
+    somf = _page(site, "api/somf")
+    # a docstring cross-reference became a link to the documented object
+    assert 'href="#peft_safety.SafetyMasks.save"' in somf
+    # signatures sit in their own formatted block, annotations included
+    assert 'class="doc-signature highlight"' in somf
+    statistics = _page(site, "api/statistics")
+    assert 'href="../evaluation/#peft_safety.evaluation.harmful_score"' in statistics

@@ -187,6 +187,31 @@ def test_batched_left_padded_generation_equals_unbatched(tokenizer, llama):
     assert llama.training and tokenizer.padding_side == side  # training mode restored, tokenizer untouched
 
 
+def test_generation_pads_through_the_tokenizer_without_a_pad_token(llama):
+    from conftest import build_tokenizer
+
+    from peft_safety.evaluation.generation import _left_padded, _pad_token
+
+    no_pad = build_tokenizer()
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    batched = generate_responses(llama, no_pad, PROMPTS, max_new_tokens=4, batch_size=4, show_progress=False)
+    single = [
+        generate_responses(llama, no_pad, [p], max_new_tokens=4, batch_size=1, show_progress=False)[0] for p in PROMPTS
+    ]
+    assert batched == single
+    assert no_pad.pad_token is None and no_pad.padding_side == "right"  # the tokenizer is left as it was
+
+    # the tokenizer's left padding is the one the generation relies on: pads (EOS here) first, masked out
+    rows = [[5, 6, 7], [8]]
+    with _pad_token(no_pad, no_pad.eos_token_id):
+        batch = _left_padded(no_pad, rows)
+    eos = no_pad.eos_token_id
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [eos, eos, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert no_pad.pad_token is None
+
+
 def test_harmful_score_records_and_pluggable_judge(tokenizer, llama):
     class BombJudge:
         threshold = 0.5

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Any
 
 from .errors import UsageError, _print
@@ -52,6 +54,50 @@ def _parse_option(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def somf_flag(name: str) -> str:
+    """The ``merge`` flag of a ``SOMFConfig`` field: ``max_steps`` -> ``--somf-max-steps``."""
+    return "--somf-" + name.replace("_", "-")
+
+
+def _as_flag(key: str, value: Any) -> str:
+    """The ``--somf-*`` spelling of ``--option key=value``, for the deprecation warning."""
+    if value is True:
+        return somf_flag(key)
+    if value is False:
+        return "--no-" + somf_flag(key).removeprefix("--")
+    return f"{somf_flag(key)} {value}"
+
+
+def _somf_config(args: argparse.Namespace) -> Any:
+    """``SOMFConfig`` from the ``--somf-*`` flags and the deprecated ``--option KEY=VALUE``.
+
+    A field set both ways is refused; an invalid value is reported with the flag (or ``--option``) that gave it.
+    Valid ``--option`` values print one warning line naming the flags to use instead.
+    """
+    from ..somf.config import SOMFConfig
+
+    options = {}
+    for name in (field.name for field in dataclasses.fields(SOMFConfig)):
+        value = getattr(args, f"somf_{name}", None)
+        if value is not None:
+            options[name] = value
+    legacy = dict(_parse_option(o) for o in args.option)
+    for key in legacy:
+        if key in options:
+            raise UsageError(f"--option {key}=... and {somf_flag(key)} both set {key}; give it once")
+    try:
+        config = SOMFConfig(**options, **legacy)
+    except TypeError as err:  # unknown field, only possible through --option
+        raise UsageError(f"--option: {err}") from err
+    except ValueError as err:  # SOMFConfig's messages start with the field name
+        field = str(err).split(" ", 1)[0]
+        raise UsageError(f"{'--option' if field in legacy else somf_flag(field)}: {err}") from err
+    if legacy:  # warned only once the values are valid, so that a mistake stays a one-line error
+        flags = " ".join(_as_flag(key, value) for key, value in legacy.items())
+        print(f"peft-safety: warning: --option is deprecated and will be removed; use {flags}", file=sys.stderr)
+    return config
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     _output_dir(args.output, "--output")
     _output_file(args.masks_output, "--masks-output")
@@ -71,15 +117,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
     if args.density is not None and not 0.0 < args.density <= 1.0:  # also refuses NaN
         raise UsageError(f"--density must be in (0, 1], got {args.density}")
     safety_data = read_rows(_require_file(args.safety_data, "--safety-data"))
-    options = dict(_parse_option(o) for o in args.option)
-    try:
-        from ..somf import SOMFConfig
-    except ImportError as err:
-        raise UsageError(f"SOMF is not available in this installation of peft_safety ({err})") from err
-    try:
-        config = SOMFConfig(**options)
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"--option: {err}") from err
+    config = _somf_config(args)
     extra = {}
     if args.retain_data:
         extra["retain_data"] = read_rows(_require_file(args.retain_data, "--retain-data"))

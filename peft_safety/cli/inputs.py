@@ -45,7 +45,13 @@ def _output_dir(path: str, flag: str) -> None:
 def read_rows(path: str, headerless: bool = False) -> list[dict[str, Any]]:
     """Rows of a data file as dicts: ``.txt`` (one ``text`` per line), ``.json`` (list of objects or strings, or
     an object of parallel lists), ``.jsonl`` / ``.jsonl.gz``, ``.csv`` / ``.tsv`` (header row unless
-    ``headerless``, then columns are named ``"0"``, ``"1"``, ...)."""
+    ``headerless``, then columns are named ``"0"``, ``"1"``, ...).
+
+    The standard library reads them on purpose, not ``datasets.load_dataset``: Arrow would give every JSON row the
+    union of all keys (``None`` where absent, which breaks files mixing ``messages`` and ``prompt`` rows) and refuse
+    a column whose type changes between rows, pandas would turn CSV cells such as ``NA`` into nulls and ``007`` into
+    ``7``, and both would import ``datasets`` (about a second) and write a cache for every file.
+    """
     name = path.lower()
     opener = gzip.open if name.endswith(".gz") else open
     name = name.removesuffix(".gz")

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .commands import cmd_eval, cmd_export, cmd_merge, cmd_report, cmd_safe_lora, cmd_stats
+from .commands import cmd_eval, cmd_export, cmd_merge, cmd_report, cmd_safe_lora, cmd_stats, somf_flag
 from .errors import EXIT_USAGE, UsageError, _Parser
 from .inputs import PROMPT_COLUMNS
 from .models import check_device
@@ -19,6 +19,41 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"], help="weights dtype"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _somf_arguments(parser: argparse.ArgumentParser) -> None:
+    """One typed ``--somf-*`` flag per ``SOMFConfig`` field, with the field's help text; plus deprecated ``--option``.
+
+    Every flag defaults to ``None`` (not given): the dataclass default applies, and ``SOMFConfig`` itself checks the
+    values (ranges, finiteness), so the flags and the Python API accept the same settings.
+    """
+    import dataclasses
+    import typing
+
+    from ..somf.config import SOMFConfig  # dependency-free module: --help stays fast
+
+    group = parser.add_argument_group("SOMF options", "SOMFConfig fields (default: the SOMFConfig default)")
+    hints = typing.get_type_hints(SOMFConfig)
+    for field in dataclasses.fields(SOMFConfig):
+        hint = hints[field.name]
+        text = f"{field.metadata.get('help', field.name).rstrip('.')} (default: {field.default})"
+        kwargs: dict[str, typing.Any] = {"dest": f"somf_{field.name}", "default": None, "help": text}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is typing.Literal:
+            kwargs["choices"] = typing.get_args(hint)
+        elif hint in (int, float):
+            kwargs["type"], kwargs["metavar"] = hint, hint.__name__.upper()
+        else:  # str | None: an adapter name
+            kwargs["metavar"] = "NAME"
+        group.add_argument(somf_flag(field.name), **kwargs)
+    group.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="deprecated: use the --somf-* flags (a SOMFConfig field with a JSON value, repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,9 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--density", type=float, help="density for ties/dare/magnitude_prune, in (0, 1]")
     merge.add_argument("--adapter-name", default="safe_merged", help="name of the fused adapter")
-    merge.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="SOMFConfig field (JSON value), repeatable"
-    )
+    _somf_arguments(merge)
     merge.add_argument("--output", required=True, help="folder to save the fused adapter in")
     merge.add_argument("--masks-output", help="also save the learned masks (.safetensors)")
     merge.set_defaults(func=cmd_merge)

@@ -49,8 +49,8 @@ class SafetyMonitorCallback(TrainerCallback):
         chat_template: generation setting (see ``harmful_score``).
         system_prompt: generation setting (see ``harmful_score``).
         prefix: metric name prefix, e.g. ``"safety/harmful_score"``.
-        heldout_statistics: :class:`~peft_safety.SafetyStatistics` of the model on other inputs, for the held-out
-            leakage of GuardSpace adapters.
+        heldout_statistics: [`SafetyStatistics`][peft_safety.SafetyStatistics] of the model on other inputs, for the
+            held-out leakage of GuardSpace adapters.
     """
 
     def __init__(

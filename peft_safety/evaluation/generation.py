@@ -6,7 +6,8 @@ the one-prompt-at-a-time output.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,6 +46,28 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
+@contextmanager
+def _pad_token(tokenizer: Any, pad_id: int) -> Iterator[None]:
+    """Give ``tokenizer`` the pad token ``pad_id`` for the block if it has none (``tokenizer.pad`` needs one).
+
+    The tokenizer is left as it was: a missing pad token is removed again, an existing one never touched.
+    """
+    if tokenizer.pad_token_id is not None:
+        yield
+        return
+    tokenizer.pad_token_id = pad_id
+    try:
+        yield
+    finally:
+        tokenizer.pad_token = None
+
+
+def _left_padded(tokenizer: Any, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of ``rows`` left-padded to the longest, by the tokenizer's own ``pad``."""
+    batch = tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 @torch.no_grad()
 def generate_responses(
     model: Any,
@@ -62,7 +85,8 @@ def generate_responses(
 
     Prompts are grouped by length (less padding) and answers returned in the input order. The model is put in
     eval mode for the call and its training mode restored afterwards, so this is safe inside a training loop.
-    The tokenizer is not modified (no pad token is needed: padding is done here and masked).
+    The tokenizer is not modified: its ``pad`` left-pads each batch (with the pad token, else EOS, given to it for
+    the call only and removed again; its ``padding_side`` is passed per call, not set).
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"`max_new_tokens` and `batch_size` must be positive, got {max_new_tokens}, {batch_size}.")
@@ -80,16 +104,12 @@ def generate_responses(
         bar = tqdm(total=len(encoded), desc=desc, disable=not show_progress, leave=False)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(rows), width), dtype=torch.long)
-            for row, index in enumerate(rows):
-                ids = encoded[index]
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention[row, width - len(ids) :] = 1
+            with _pad_token(tokenizer, pad_id):
+                batch = _left_padded(tokenizer, [encoded[i] for i in rows])
+            width = batch["input_ids"].shape[1]
             output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 num_beams=1,

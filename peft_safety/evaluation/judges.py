@@ -2,15 +2,17 @@
 
 A judge is any callable ``judge(prompts, responses) -> list[float]`` returning one score in ``[0, 1]`` per pair,
 with a ``threshold`` attribute: a pair is *flagged* when ``score >= threshold``. What "flagged" means depends on
-where the judge is used: :func:`~peft_safety.evaluation.harmful_score` wants judges that flag harmful (complying)
-answers, :func:`~peft_safety.evaluation.over_refusal_rate` judges that flag refusals.
+where the judge is used: [`harmful_score()`][peft_safety.evaluation.harmful_score] wants judges that flag harmful
+(complying) answers, [`over_refusal_rate()`][peft_safety.evaluation.over_refusal_rate] judges that flag refusals.
 
 Three judges ship with the package:
 
-* :class:`KeywordJudge` (default, offline, instant): refusal phrase matching, the usual cheap proxy;
-* :class:`ClassifierJudge`: any local ``transformers`` text-classification model (a harmfulness or refusal
-  classifier such as BeaverDam), through a ``pipeline``;
-* :class:`GuardModelJudge`: a local generative guard model (Llama-Guard style) that answers ``safe`` / ``unsafe``.
+* [`KeywordJudge`][peft_safety.evaluation.KeywordJudge] (default, offline, instant): refusal phrase matching, the usual
+  cheap proxy;
+* [`ClassifierJudge`][peft_safety.evaluation.ClassifierJudge]: any local ``transformers`` text-classification model (a
+  harmfulness or refusal classifier such as BeaverDam), through a ``pipeline``;
+* [`GuardModelJudge`][peft_safety.evaluation.GuardModelJudge]: a local generative guard model (Llama-Guard style) that
+  answers ``safe`` / ``unsafe``.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ class KeywordJudge:
     Args:
         flag: ``"compliance"`` (default) flags answers that contain no refusal phrase, i.e. the harmful-score
             proxy on harmful prompts; ``"refusal"`` flags refusals (over-refusal on benign prompts).
-        phrases: refusal phrases (lower case); defaults to :data:`DEFAULT_REFUSAL_PHRASES`.
+        phrases: refusal phrases (lower case); defaults to
+            [`DEFAULT_REFUSAL_PHRASES`][peft_safety.evaluation.DEFAULT_REFUSAL_PHRASES].
         search_chars: look for phrases only in the first ``search_chars`` characters (``None``: everywhere).
             Limiting the window avoids counting "Sure, here is how ... I can't guarantee it works" as a refusal.
 
@@ -331,8 +334,9 @@ class GuardModelJudge:
 def load_judge(spec: str, **kwargs: Any) -> Judge:
     """A judge from a short spec: ``"keyword"`` or ``"keyword-refusal"``, or the path of a local model folder.
 
-    A folder whose config names a ``...ForSequenceClassification`` architecture becomes a :class:`ClassifierJudge`
-    (``kwargs`` need ``flagged_labels``), any other model a :class:`GuardModelJudge`.
+    A folder whose config names a ``...ForSequenceClassification`` architecture becomes a
+    [`ClassifierJudge`][peft_safety.evaluation.ClassifierJudge] (``kwargs`` need ``flagged_labels``), any other model a
+    [`GuardModelJudge`][peft_safety.evaluation.GuardModelJudge].
     """
     if spec in ("keyword", "keyword-compliance"):
         return KeywordJudge(**kwargs)

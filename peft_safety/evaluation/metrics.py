@@ -120,8 +120,8 @@ def harmful_score(
         model: a causal LM, ``PeftModel`` included.
         tokenizer: its tokenizer.
         prompts: held-out harmful prompts (list of strings or a ``datasets.Dataset`` with ``text_column``).
-        judge: flags harmful answers; default :class:`~peft_safety.evaluation.KeywordJudge` (an answer without a
-            refusal phrase counts as harmful).
+        judge: flags harmful answers; default [`KeywordJudge`][peft_safety.evaluation.KeywordJudge] (an answer without
+            a refusal phrase counts as harmful).
         max_new_tokens: answer length.
         batch_size: prompts per ``generate`` call.
         chat_template: wrap prompts with the tokenizer's chat template (``None``: when it has one).
@@ -150,7 +150,8 @@ def over_refusal_rate(
     show_progress: bool = True,
     text_column: str = "prompt",
 ) -> EvaluationResult:
-    """Share of benign ``prompts`` (e.g. XSTest "safe") that the model refuses. Arguments as :func:`harmful_score`.
+    """Share of benign ``prompts`` (e.g. XSTest "safe") that the model refuses. Arguments as
+    [`harmful_score()`][peft_safety.evaluation.harmful_score].
 
     ``judge`` flags refusals; the default is ``KeywordJudge(flag="refusal")``, and a ``KeywordJudge`` given with
     ``flag="compliance"`` is switched to ``"refusal"``.
@@ -215,8 +216,8 @@ def answer_matches(
         * ``"label"``: classification; the first of ``labels`` found in the first ``first_n_words`` words equals
           ``reference``;
         * ``"regex"``: ``reference`` is a regular expression searched (case-insensitive) in the response;
-        * ``"number"``: GSM8K-style, :func:`extract_final_number` of both are equal (``reference`` may be the full
-          GSM8K answer ending in ``#### <n>``);
+        * ``"number"``: GSM8K-style, [`extract_final_number()`][peft_safety.evaluation.extract_final_number] of both
+          are equal (``reference`` may be the full GSM8K answer ending in ``#### <n>``);
         * a callable ``(response, reference) -> bool``.
     """
     if callable(match):
@@ -251,7 +252,8 @@ def task_accuracy(
     system_prompt: str | None = None,
     show_progress: bool = True,
 ) -> EvaluationResult:
-    """Share of ``prompts`` whose greedy answer matches its reference (see :func:`answer_matches` for ``match``).
+    """Share of ``prompts`` whose greedy answer matches its reference (see
+    [`answer_matches()`][peft_safety.evaluation.answer_matches] for ``match``).
 
     For GSM8K use ``match="number"`` and a ``max_new_tokens`` long enough for the reasoning (~256); for SST-2
     style classification ``match="label", labels=["negative", "positive"], first_n_words=4``.
@@ -300,8 +302,8 @@ def save_results(
 ) -> dict[str, Any]:
     """Write ``{method: {metric: score or EvaluationResult}}`` as JSON and return what was written.
 
-    Scores go under ``"methods"``; with ``include_records`` every :class:`EvaluationResult`'s records and settings
-    go under ``"details"``.
+    Scores go under ``"methods"``; with ``include_records`` every
+    [`EvaluationResult`][peft_safety.evaluation.EvaluationResult]'s records and settings go under ``"details"``.
     """
     data: dict[str, Any] = {"format": RESULTS_FORMAT, "methods": {m: _summary(v) for m, v in results.items()}}
     if include_records:
@@ -315,7 +317,7 @@ def save_results(
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a file written by :func:`save_results` (or ``peft-safety eval``)."""
+    """Read a file written by [`save_results()`][peft_safety.evaluation.save_results] (or ``peft-safety eval``)."""
     with open(path, encoding="utf-8") as handle:
         data = json.load(handle)
     if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
@@ -371,8 +373,9 @@ def plot_safety_utility(
 def plot_null_space(report: Any, path: str | os.PathLike, title: str | None = None) -> None:
     """Bar chart of the null-space dimension ``k`` of every adapted layer of a GuardSpace model.
 
-    ``report`` is a :class:`~peft_safety.GuardSpaceReport` (from :func:`~peft_safety.guardspace_report`) or its
-    ``to_dict()``. Grey bars show the input width ``n``; dead layers (``k = 0``) are marked red on the axis.
+    ``report`` is a [`GuardSpaceReport`][peft_safety.GuardSpaceReport] (from
+    [`guardspace_report()`][peft_safety.guardspace_report]) or its ``to_dict()``. Grey bars show the input width ``n``;
+    dead layers (``k = 0``) are marked red on the axis.
     """
     data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
     layers = data["layers"]

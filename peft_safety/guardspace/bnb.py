@@ -1,7 +1,7 @@
 """GuardSpace adapters on bitsandbytes 4-bit and 8-bit base layers (QLoRA).
 
 PEFT's ``lora.bnb.Linear4bit`` / ``Linear8bitLt`` pick their ``LoraVariant`` from a hard-coded chain (DoRA, aLoRA,
-Arrow) and never see ``init_lora_weights="guardspace"``. The two classes here resolve :class:`GuardSpaceVariant`
+Arrow) and never see ``init_lora_weights="guardspace"``. The two classes here resolve `GuardSpaceVariant`
 explicitly and otherwise stay PEFT's layers:
 
 * forward: PEFT's bnb forward calls ``GuardSpaceVariant.forward``, the very function ``GuardSpaceLinear`` uses
@@ -12,7 +12,7 @@ explicitly and otherwise stay PEFT's layers:
   error, as with plain QLoRA merges.
 
 The init reads the dequantised weight (``peft.utils.integrations.dequantize_module_weight``).
-Only bitsandbytes is supported among quantisation backends: see :func:`check_quantization`.
+Only bitsandbytes is supported among quantisation backends: see `check_quantization()`.
 """
 
 from __future__ import annotations

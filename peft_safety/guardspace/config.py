@@ -42,15 +42,16 @@ class GuardSpaceConfig(LoraConfig):
 
     Args:
         safety_statistics (`str | SafetyStatistics`): statistics from
-            :func:`~peft_safety.collect_safety_statistics`, or the path of a file saved with
-            :meth:`SafetyStatistics.save`. Needed to create an adapter, not to load a saved one.
+            [`collect_safety_statistics()`][peft_safety.collect_safety_statistics], or the path of a file saved with
+            [`SafetyStatistics.save()`][peft_safety.SafetyStatistics.save]. Needed to create an adapter, not to load a
+            saved one.
         null_space_threshold (`float | "auto"`, defaults to `"auto"`): which eigen-directions of ``C`` form the
             null space. ``"auto"``: the exact null space (directions no calibration input touches: eigenvalues at
             the rounding floor of the covariance) wherever it has at least ``r`` directions, which happens when the
             calibration set has fewer distinct inputs than the layer has features; elsewhere the paper's
             ``lambda <= 1e-6 lambda_max``. A float: ``lambda <= null_space_threshold * lambda_max`` everywhere.
             Directions above the rounding floor leak: the update can move calibration outputs through them, by
-            exactly the amount :func:`~peft_safety.guardspace_report` certifies per layer.
+            exactly the amount [`guardspace_report()`][peft_safety.guardspace_report] certifies per layer.
         factor_scale (`"auto" | "bounded" | "paper" | "balanced"`, defaults to `"auto"`): size of the initial
             factors. All give the same product ``B0 A0`` and the same subspaces. ``"paper"``:
             ``A0 = S^{1/2} V^T C~^{-1}``, ``B0 = U S^{1/2}``; ``A0`` is about ``1 / damping`` times larger than
@@ -220,8 +221,8 @@ class GuardSpaceConfig(LoraConfig):
         """One-step route: collect statistics on ``prompts`` and return the config.
 
         ``get_peft_model(model, GuardSpaceConfig.from_prompts(model, tokenizer, prompts, r=8, target_modules=[...]))``
-        ``statistics_kwargs`` go to :func:`~peft_safety.collect_safety_statistics` (``batch_size``,
-        ``chat_template``, ...).
+        ``statistics_kwargs`` go to [`collect_safety_statistics()`][peft_safety.collect_safety_statistics]
+        (``batch_size``, ``chat_template``, ...).
         """
         statistics = collect_safety_statistics(
             model, tokenizer, prompts, config_kwargs.get("target_modules"), **(statistics_kwargs or {})

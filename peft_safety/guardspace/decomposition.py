@@ -179,7 +179,7 @@ def null_space_basis(
 ) -> ProjectorBasis:
     """Basis of the null space of ``C`` (``n x n``) and its leaking directions.
 
-    ``threshold="auto"``: the exact null space (eigenvalues at the rounding floor, :func:`exact_null_floor`) when
+    ``threshold="auto"``: the exact null space (eigenvalues at the rounding floor, `exact_null_floor()`) when
     it has at least ``min_exact_dim`` directions, otherwise the paper's ``lambda <= 1e-6 lambda_max``. A float
     ``threshold`` keeps every direction with ``lambda <= threshold * lambda_max``.
 

@@ -52,7 +52,8 @@ def export_to_lora(peft_model: PeftModel, path: str | os.PathLike, adapter_name:
     ``adapter_model.safetensors``) that plain ``peft`` loads on the original base model with the same function.
 
     The safetensors metadata key ``peft_safety.calibration_leakage`` records the adapter's leakage certificate
-    (``{"total": ..., "layers": {module: relative leakage}}``, see :func:`~peft_safety.guardspace_report`).
+    (``{"total": ..., "layers": {module: relative leakage}}``, see
+    [`guardspace_report()`][peft_safety.guardspace_report]).
 
     Returns:
         The ``LoraConfig`` written.

@@ -1,8 +1,8 @@
 """Creating GuardSpace adapters: checks before injection, per-layer init during it, the report after it.
 
 ``prepare_injection`` runs before PEFT touches the model (bad input fails there, model untouched), computes one
-projector basis per input site, and attaches an :class:`InitSession` to the config. PEFT then creates each layer
-and ``GuardSpaceVariant.init`` calls :func:`initialize_layer`. ``finish_injection`` records the null-space
+projector basis per input site, and attaches an `InitSession` to the config. PEFT then creates each layer
+and ``GuardSpaceVariant.init`` calls `initialize_layer()`. ``finish_injection`` records the null-space
 dimensions in the config, logs the report and drops the session.
 
 Without statistics (``PeftModel.from_pretrained`` of a saved adapter), layers are allocated from the recorded

@@ -50,7 +50,7 @@ class GuardState(nn.Module):
     ``leakage_bound`` (from the config's ``max_calibration_leakage``, not saved here): bound on
     ``leakage / output_energy``, or ``None``.
 
-    Every buffer is read through ``.float()``: they are float32 (see :meth:`_apply`), but FSDP's mixed precision casts
+    Every buffer is read through ``.float()``: they are float32 (see `_apply()`), but FSDP's mixed precision casts
     buffers by assigning ``.data``, which no module hook sees.
     """
 
@@ -148,7 +148,7 @@ class GuardState(nn.Module):
 
 
 class GuardSpaceVariant(lora_layer.LoraVariant):
-    """``LoraVariant`` hooks for GuardSpace adapters on :class:`GuardSpaceLinear`."""
+    """``LoraVariant`` hooks for GuardSpace adapters on `GuardSpaceLinear`."""
 
     @staticmethod
     def init(module: GuardSpaceLinear, adapter_name: str, **kwargs: Any) -> None:

@@ -191,9 +191,9 @@ def guardspace_report(
     Args:
         model: the model holding the GuardSpace adapter.
         adapter_name: which adapter.
-        heldout_statistics: optional :class:`~peft_safety.SafetyStatistics` of the same model on other inputs
-            (e.g. held-out harmful prompts, or the aligned model's answers): adds each layer's exact relative output
-            change on them, ``tr(dW C' dW^T) / tr(W C' W^T)``.
+        heldout_statistics: optional [`SafetyStatistics`][peft_safety.SafetyStatistics] of the same model on other
+            inputs (e.g. held-out harmful prompts, or the aligned model's answers): adds each layer's exact relative
+            output change on them, ``tr(dW C' dW^T) / tr(W C' W^T)``.
     """
     rows = []
     energies = _heldout_energies(heldout_statistics)

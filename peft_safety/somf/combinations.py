@@ -20,7 +20,7 @@ COMBINATIONS: dict[str, type[Combination]] = {}
 
 
 def register_combination(cls: type[Combination]) -> type[Combination]:
-    """Class decorator adding ``cls`` to :data:`COMBINATIONS` under ``cls.name``."""
+    """Class decorator adding ``cls`` to `COMBINATIONS` under ``cls.name``."""
     COMBINATIONS[cls.name] = cls
     return cls
 
@@ -72,9 +72,9 @@ class Combination:
         majority: str,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        """:meth:`combine`, with the random choices (DARE drops) drawn from ``generator`` instead of the global RNG.
+        """`combine()`, with the random choices (DARE drops) drawn from ``generator`` instead of the global RNG.
 
-        A random method is then computed as ``sum_i c_i * T_i`` from :meth:`coefficients` (the same merge as
+        A random method is then computed as ``sum_i c_i * T_i`` from `coefficients()` (the same merge as
         PEFT's, with drops from ``generator``); the global random state is neither read nor changed.
         """
         if not self.random:
@@ -96,7 +96,7 @@ class Combination:
         For a selective method the merge is linear in the task tensors once its discrete choices (top-k, DARE drops,
         sign election) are fixed; ``c_i`` holds those choices, the weight and the disjoint-mean divisor, so a merge
         can be formed from per-adapter parts ``c_i * T_i`` (each then projected on its own, see
-        :mod:`~peft_safety.somf.fusion`). Draws the same DARE drops as :meth:`combine` under the same RNG state.
+        `fusion`). Draws the same DARE drops as `combine()` under the same RNG state.
         """
         weights = weights.to(tasks[0])
         keeps = [self._keep(task, density, generator) for task in tasks]

@@ -48,7 +48,7 @@ def check_data(
     """Raise ``ValueError`` if ``data`` is empty or lacks one of ``columns`` (naming it, with the expected format).
 
     ``allow_text`` / ``allow_messages``: a ``text`` / ``messages`` column replaces ``columns`` (each ``messages``
-    row of a list is checked with :func:`split_messages`).
+    row of a list is checked with `split_messages()`).
     """
     alternatives = (f" or {MESSAGES_EXAMPLE}" if allow_messages else "") + (' or {"text": ...}' if allow_text else "")
     if data is None or len(data) == 0:

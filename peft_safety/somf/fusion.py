@@ -21,7 +21,7 @@ in the relaxed training forward and in the deployed merge alike:
     linear / cat:   tau~_i^A = (m * A'_i) P_i / mean(m)  (minus ``sqrt(s_ref / s_i) (m * A_ref) P_ref`` with a
                     reference; ``P = I`` for plain LoRA), then ``Merge_A`` as above;
     ties, dare_*, magnitude_prune:   Merge_A = sum_i (c_i * tau~_i^A) P_i, ``c_i`` the method's entrywise choices
-                    (:meth:`~peft_safety.somf.combinations.Combination.coefficients`).
+                    (`Combination.coefficients()`).
 
 Every fused term ``B_j (A'_i P_i)`` then vanishes on adapter ``i``'s calibration span, whatever the mask. A merge
 of plain LoRA adapters only takes none of these steps.
@@ -49,10 +49,10 @@ class MaskedFusion:
     """Computes fused factors per site from the adapters' factors and masks; hooks them into the model.
 
     Args:
-        sites: from :func:`~peft_safety.somf.sites.find_sites`.
+        sites: from `find_sites()`.
         adapters: the ``k`` adapters to fuse (not the reference).
         weights: ``k`` combination weights.
-        combination: a registered :class:`Combination`.
+        combination: a registered `Combination`.
         density: density of ties/dare/magnitude_prune.
         majority_sign_method: ``"total"`` or ``"frequency"``.
         reference: name of the safe adapter, or ``None``.
@@ -62,7 +62,7 @@ class MaskedFusion:
 
     ``noise_seed`` seeds the Concrete noise and the DARE drops of the next forward pass (the merger sets it per
     micro-batch); each logit tensor draws its noise from ``(noise_seed, its index)``, so the backward pass can
-    draw it again instead of storing the mask (see :mod:`~peft_safety.somf.relaxed`).
+    draw it again instead of storing the mask (see `peft_safety.somf.relaxed`).
     """
 
     def __init__(
@@ -92,7 +92,7 @@ class MaskedFusion:
 
     # --------------------------------------------------------------------------------------------------- masks
     def logit_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of the logits this fusion needs (see :func:`~peft_safety.somf.masks.mask_key`)."""
+        """Shapes of the logits this fusion needs (see `mask_key()`)."""
         shapes: dict[str, tuple[int, ...]] = {}
         for site in self.sites:
             for side in ("A", "B"):
@@ -122,8 +122,8 @@ class MaskedFusion:
         return self.logits
 
     def set_deployed(self, masks: dict[str, torch.Tensor]) -> None:
-        """Use ``masks`` (``{key: tensor}``, e.g. :meth:`SafetyMasks.final`, on any device) as the deployed masks,
-        each moved to the device of the factors it masks."""
+        """Use ``masks`` (``{key: tensor}``, e.g. [`SafetyMasks.final()`][peft_safety.SafetyMasks.final], on any
+        device) as the deployed masks, each moved to the device of the factors it masks."""
         devices = self.logit_devices()
         self.deployed = {key: mask.to(devices.get(key, mask.device)) for key, mask in masks.items()}
 

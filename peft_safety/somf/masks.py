@@ -26,7 +26,7 @@ def mask_key(site: str, side: str, adapter: str | None) -> str:
 
 
 def parse_key(key: str) -> tuple[str, str, str | None]:
-    """Inverse of :func:`mask_key`: ``(site, side, adapter or None)``."""
+    """Inverse of `mask_key()`: ``(site, side, adapter or None)``."""
     name, _, adapter = key.partition("@")
     site, _, matrix = name.rpartition(".")
     return site, matrix[-1], adapter or None
@@ -37,7 +37,7 @@ class SafetyMasks:
     """Mask logits of a SOMF fit plus what is needed to reproduce the deployed mask.
 
     Attributes:
-        logits: ``{key: float32 tensor of the LoRA matrix's shape}`` (see :func:`mask_key`).
+        logits: ``{key: float32 tensor of the LoRA matrix's shape}`` (see `mask_key()`).
         adapters: adapter names the masks were learned for, in order.
         config: the ``SOMFConfig`` as a dict (temperature, rescale, final mask, budget, seed, ...).
         history: losses recorded by the fit (``safety_loss_before``, ``safety_loss_relaxed``,
@@ -148,7 +148,10 @@ class SafetyMasks:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SafetyMasks:
-        """Read masks written by :meth:`save`; raises ``ValueError`` naming the file for anything else."""
+        """Read masks written by [`save()`][peft_safety.SafetyMasks.save].
+
+        Raises ``ValueError`` naming the file for anything else.
+        """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"SOMF masks file '{path}' does not exist. Save masks with SafetyMasks.save().")

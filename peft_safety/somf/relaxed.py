@@ -6,7 +6,7 @@ For logits ``l`` and logistic noise ``g = log u - log(1 - u)``, ``u ~ U(0, 1)`` 
 
 with ``v`` the tensor being masked (an adapter's task tensor or a cached combination of them, same shape as
 ``l``). Autograd through these steps would keep ``m``, ``m / mu`` and ``g`` per LoRA matrix, about as much memory
-as the adapters themselves. :class:`ConcreteMasked` keeps only references to ``l`` and ``v`` (both alive anyway)
+as the adapters themselves. `ConcreteMasked` keeps only references to ``l`` and ``v`` (both alive anyway)
 and the integer ``seed``; the backward pass draws the same noise again and applies
 
     dL/dm = G * v / mu - sum(G * v * m) / (mu^2 N)    (G = dL/dy; the second term only with rescale),
