@@ -77,15 +77,20 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    floor = 1e-5  # exact zeros (the start model itself) are drawn here, hollow
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, precision in zip(axes, ("fp32", "bf16"), strict=True):
         for method, entry in result["methods"].items():
             steps = [int(s) for s in entry["drift"]]
-            values = [max(v[precision], 1e-9) for v in entry["drift"].values()]
-            ax.plot(steps, values, marker="o", label=method)
+            values = [v[precision] for v in entry["drift"].values()]
+            (line,) = ax.plot(steps, [max(v, floor) for v in values], marker="o", label=method)
+            zeros = [s for s, v in zip(steps, values, strict=True) if v == 0]
+            ax.plot(zeros, [floor] * len(zeros), "o", mfc="white", color=line.get_color())
         ax.set_yscale("log")
-        ax.set_xscale("symlog", linthresh=4)
-        ax.set_xlabel("training steps")
+        ax.set_xscale("symlog", linthresh=4, linscale=0.5)
+        ax.set_xticks(steps)
+        ax.set_xticklabels([str(s) for s in steps])
+        ax.set_xlabel("training steps (hollow: exactly 0, drawn at 1e-5)")
         ax.set_title(f"{precision}" + (" (trained model cast, vs start model in bf16)" if precision == "bf16" else ""))
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("calibration-logit drift (relative)")
@@ -103,7 +108,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", default=None, help="PNG path")
+    parser.add_argument("--plot-only", action="store_true", help="only redraw --plot from the JSON in --out")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.plot)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = dict(run.QUICK)
