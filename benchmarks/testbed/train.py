@@ -41,9 +41,13 @@ def sft(
     warmup: int = 2,
     log_every: int = 10,
     desc: str = "sft",
+    on_step=None,
 ) -> dict:
     """Train the trainable parameters of ``model`` (e.g. a ``PeftModel``) on ``pairs`` (dicts with ``prompt`` and
-    ``response``) for ``steps`` AdamW steps of ``batch_size``; cosine schedule after a short warm-up."""
+    ``response``) for ``steps`` AdamW steps of ``batch_size``; cosine schedule after a short warm-up.
+
+    ``on_step(step)``, if given, is called after each step (``step`` counts from 1), e.g. to measure the model
+    along the run; it must leave the model's parameters and the global random state alone."""
     encoded = [encode_pair(tokenizer, p["prompt"], p["response"], max_length) for p in pairs]
     rng = random.Random(seed)
     order: list[int] = []
@@ -75,6 +79,8 @@ def sft(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1)
         if log_every and (step + 1) % log_every == 0:
             print(
                 f"  [{desc}] step {step + 1}/{steps} loss {sum(losses[-log_every:]) / log_every:.3f} "
