@@ -30,7 +30,8 @@ from benchmarks.testbed.train import sft
 
 METHODS = {
     "lora": None,
-    "guardspace (new defaults)": {},
+    "guardspace (defaults)": {},
+    "guardspace (bounded everywhere)": {"factor_scale": "bounded"},
     "guardspace (paper, τ 1e-6)": {"factor_scale": "paper", "null_space_threshold": 1e-6},
 }
 

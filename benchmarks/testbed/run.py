@@ -456,7 +456,8 @@ def guardspace_task(cfg, p: float, sets, tag: str, use_base: bool = False, threa
         for tau in thresholds:
             t0 = time.perf_counter()
             base, _, _ = load_start()
-            gs = get_peft_model(base, guardspace_config(cfg, stats, null_space_threshold=tau))
+            scale = {"factor_scale": cfg["factor_scale"]} if cfg.get("factor_scale") else {}
+            gs = get_peft_model(base, guardspace_config(cfg, stats, null_space_threshold=tau, **scale))
             report = guardspace_report(gs)
             dims = [layer.null_dim for layer in report.layers]
             info = {
@@ -640,6 +641,7 @@ def main() -> None:
     parser.add_argument("--somf-steps", type=int, help="override the SOMF mask-learning steps")
     parser.add_argument("--p", type=float, nargs="+", help="override the poison fractions")
     parser.add_argument("--somf-batch", type=int, help="override the SOMF safety pairs per mask step")
+    parser.add_argument("--factor-scale", help="factor_scale of the GuardSpace rows (default: the package's)")
     parser.add_argument(
         "--thresholds", type=_threshold, nargs="+", help="override the null-space thresholds ('auto' or numbers)"
     )
@@ -664,6 +666,8 @@ def main() -> None:
     cfg = dict(SMOKE if args.smoke else QUICK if args.quick else FULL)
     if args.thresholds:
         cfg["thresholds"] = args.thresholds
+    if args.factor_scale:
+        cfg["factor_scale"] = args.factor_scale
     if args.somf_steps:
         cfg["somf_steps"] = args.somf_steps
     if args.p:
