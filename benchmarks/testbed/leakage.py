@@ -25,25 +25,15 @@ from peft import get_peft_model
 
 import peft_safety
 from benchmarks.testbed import data, run
-from benchmarks.testbed.model import TARGETS
 from benchmarks.testbed.train import sft
-from peft_safety import GuardSpaceReport, collect_safety_statistics, guardspace_report
+from peft_safety import GuardSpaceReport, guardspace_report
 
 HELDOUT = 100  # I-MaliciousInstructions prompts (the whole set)
 
 
 def heldout_statistics(model, tokenizer, count: int = HELDOUT):
     """Statistics of ``model`` on ``count`` held-out harmful prompts (I-MaliciousInstructions, chat template)."""
-    return collect_safety_statistics(
-        model,
-        tokenizer,
-        data.harmful_eval_prompts(count),
-        target_modules=TARGETS,
-        batch_size=16,
-        max_length=128,
-        chat_template=True,
-        show_progress=False,
-    )
+    return run.testbed_statistics(model, tokenizer, data.harmful_eval_prompts(count))
 
 
 def rule(layer, r: int) -> str:

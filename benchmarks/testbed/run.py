@@ -225,22 +225,27 @@ def evaluate(model, tokenizer, cfg, sets, agnews: bool = False) -> dict:
     return out
 
 
-def statistics_for(model, tokenizer, count: int) -> SafetyStatistics:
-    """GuardSpace statistics from the first ``count`` AdvBench calibration rows (chat template), cached on disk."""
-    path = CACHE_DIR / f"stats_aligned_advbench_calib{count}.safetensors"
-    cached = not _USE_BASE and path.is_file()
-    if cached and path.stat().st_mtime > (ALIGNED_DIR / "config.json").stat().st_mtime:
-        return SafetyStatistics.load(path)
-    stats = collect_safety_statistics(
+def testbed_statistics(model, tokenizer, prompts: list[str]) -> SafetyStatistics:
+    """Statistics of ``model`` on ``prompts`` with the testbed's collection settings (chat template, 128 tokens)."""
+    return collect_safety_statistics(
         model,
         tokenizer,
-        data.calibration_prompts(count),
+        prompts,
         target_modules=TARGETS,
         batch_size=16,
         max_length=128,
         chat_template=True,
         show_progress=False,
     )
+
+
+def statistics_for(model, tokenizer, count: int) -> SafetyStatistics:
+    """GuardSpace statistics from the first ``count`` AdvBench calibration rows (chat template), cached on disk."""
+    path = CACHE_DIR / f"stats_aligned_advbench_calib{count}.safetensors"
+    cached = not _USE_BASE and path.is_file()
+    if cached and path.stat().st_mtime > (ALIGNED_DIR / "config.json").stat().st_mtime:
+        return SafetyStatistics.load(path)
+    stats = testbed_statistics(model, tokenizer, data.calibration_prompts(count))
     if not _USE_BASE:
         stats.save(path)
     return stats
