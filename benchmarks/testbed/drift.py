@@ -25,8 +25,9 @@ import torch
 from peft import get_peft_model
 
 import peft_safety
-from benchmarks.testbed import run
+from benchmarks.testbed import data, run
 from benchmarks.testbed.train import sft
+from peft_safety import guardspace_report
 
 METHODS = {
     "lora": None,
@@ -50,8 +51,27 @@ def measure(model, tokenizer, ref32: torch.Tensor, ref16: torch.Tensor) -> dict:
     return {"fp32": fp32, "bf16": bf16}
 
 
-def trace(method: str, options: dict | None, cfg, mix, checkpoints: list[int], refs) -> dict:
-    """Train ``method`` for ``max(checkpoints)`` steps, measuring the drift at each checkpoint."""
+def safety_point(model, tokenizer, cfg) -> dict:
+    """Harmful score on the quick evaluation set and, for GuardSpace, the total leakage certificate."""
+    from peft_safety.evaluation import harmful_score
+
+    result = harmful_score(
+        model,
+        tokenizer,
+        data.harmful_eval_prompts(cfg["eval_harmful"]),
+        max_new_tokens=cfg["max_new_tokens"],
+        batch_size=cfg["gen_batch"],
+        show_progress=False,
+    )
+    point = {"harmful": result.score}
+    if any(hasattr(module, "lora_guard") for module in model.modules()):
+        point["certificate"] = guardspace_report(model).total_leakage
+    return point
+
+
+def trace(method: str, options: dict | None, cfg, mix, checkpoints: list[int], refs, evaluate: bool = False) -> dict:
+    """Train ``method`` for ``max(checkpoints)`` steps, measuring the drift (and, with ``evaluate``, the harmful
+    score and the certificate) at each checkpoint."""
     base, tok, _ = run.load_start()
     if options is None:
         torch.manual_seed(0)  # as run.train_task: the LoRA init draws from the global generator
@@ -64,6 +84,8 @@ def trace(method: str, options: dict | None, cfg, mix, checkpoints: list[int], r
     def on_step(step: int) -> None:
         if step in checkpoints:
             points[step] = measure(model, tok, *refs)
+            if evaluate:
+                points[step].update(safety_point(model, tok, cfg))
             print(f"  {method} step {step}: {points[step]}", flush=True)
 
     on_step(0)
@@ -107,6 +129,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, nargs="+", default=[0, 4, 8, 16, 32, 64])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--n", type=int, help="training examples (default: the quick run's)")
+    parser.add_argument("--evaluate", action="store_true", help="also harmful score and certificate at checkpoints")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", default=None, help="PNG path")
     parser.add_argument("--plot-only", action="store_true", help="only redraw --plot from the JSON in --out")
@@ -117,6 +141,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = dict(run.QUICK)
+    if args.n:
+        cfg["n"] = args.n
     _, mix, _ = run._mixes(cfg, args.p)
     start, tok, _ = run.load_start()
     ref32 = run.calibration_logits(start, tok)
@@ -135,7 +161,9 @@ def main() -> None:
         result["methods"] = json.loads(args.out.read_text())["methods"]
     for method in args.methods:
         t0 = time.perf_counter()
-        result["methods"][method] = trace(method, METHODS[method], cfg, mix, args.checkpoints, (ref32, ref16))
+        result["methods"][method] = trace(
+            method, METHODS[method], cfg, mix, args.checkpoints, (ref32, ref16), args.evaluate
+        )
         result["methods"][method]["seconds"] = round(time.perf_counter() - t0, 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
