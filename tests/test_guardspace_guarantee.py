@@ -195,14 +195,19 @@ def test_bf16_adapters_without_upcast_init_equals_base(tokenizer):
     assert torch.equal(logits_of(model, tokenizer, BENIGN_TEXTS + HARMFUL_PROMPTS), base_logits)
 
 
-def test_buffers_stay_float32_when_the_model_is_cast(tokenizer):
-    """A bf16-rounded basis is no longer a projector: casting the model must not round GuardSpace's buffers."""
+def test_buffers_and_factors_keep_their_dtype_when_the_model_is_cast(tokenizer):
+    """A bf16-rounded basis is no longer a projector, and bf16-rounded ``A``, ``B`` no longer cancel the frozen
+    offset: casting the model moves GuardSpace's tensors but keeps their dtype, so the cast model at init is exactly
+    the cast base."""
     stats = small_statistics(tokenizer)
     config = GuardSpaceConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, safety_statistics=stats)
     model = get_peft_model(make_llama(tokenizer), config).to(torch.bfloat16)
-    state = model.base_model.model.model.layers[0].self_attn.q_proj.lora_guard["default"]
-    assert {buffer.dtype for buffer in state.buffers()} == {torch.float32}
-    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.bfloat16
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert {buffer.dtype for buffer in layer.lora_guard["default"].buffers()} == {torch.float32}
+    assert layer.lora_A["default"].weight.dtype == layer.lora_B["default"].weight.dtype == torch.float32
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    texts = HARMFUL_PROMPTS + BENIGN_TEXTS
+    assert torch.equal(logits_of(model, tokenizer, texts), logits_of(make_llama(tokenizer, dtype=torch.bfloat16), tokenizer, texts))  # noqa: E501  # fmt: skip
 
 
 def test_init_equals_base_in_training_mode_with_lora_dropout(tokenizer):

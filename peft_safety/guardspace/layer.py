@@ -147,6 +147,23 @@ class GuardState(nn.Module):
         return f"null_dim={self.null_dim}, stored={self.kind}, leaking={self.leak_values.numel()}"
 
 
+class DtypeKeepingLinear(nn.Linear):
+    """``lora_A`` / ``lora_B`` of a GuardSpace adapter: they move with the model but keep their dtype on casts.
+
+    ``model.to(torch.bfloat16)`` would round ``A`` and ``B`` but not the float32 frozen offset ``B0 (A0_eff P)``:
+    the two terms no longer cancel, and with the paper's unbalanced factors (``A`` large, ``B`` small) the rounding
+    of each factor reaches the calibration outputs (about 1 % of the logits of SmolLM2-135M before any training).
+    The adapter branch runs in float32 anyway; these are rank-``r`` matrices.
+    """
+
+    def _apply(self, fn, recurse: bool = True):
+        def keep_dtype(tensor: torch.Tensor) -> torch.Tensor:
+            moved = fn(tensor)
+            return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+
+        return super()._apply(keep_dtype, recurse)
+
+
 class GuardSpaceVariant(lora_layer.LoraVariant):
     """``LoraVariant`` hooks for GuardSpace adapters on `GuardSpaceLinear`."""
 
@@ -223,6 +240,10 @@ class GuardSpaceLayerMixin:
         if "lora_guard" not in self._modules:  # first adapter: nn.Module.__init__ has run by now
             self.lora_guard = nn.ModuleDict()
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+        if config.init_lora_weights == GUARDSPACE_INIT:
+            for factors in (self.lora_A, self.lora_B):
+                if type(factors[adapter_name]) is nn.Linear:
+                    factors[adapter_name].__class__ = DtypeKeepingLinear
 
     def resolve_lora_variant(self, *, config, **kwargs: Any):
         if config.init_lora_weights == GUARDSPACE_INIT:
