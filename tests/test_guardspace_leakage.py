@@ -3,6 +3,7 @@ change measured on the calibration activations; the opt-in hard bound; the same 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -181,3 +182,18 @@ def test_adapter_saved_without_certificate_loads_with_one_warning(tokenizer, sta
     assert math.isnan(report.total_leakage) and report.certificate()["total"] is None
     with pytest.raises(ValueError, match="cannot be enforced"):
         PeftModel.from_pretrained(make_llama(tokenizer), tmp_path, config=GuardSpaceConfig(**{**config, "max_calibration_leakage": 1e-6}))  # noqa: E501  # fmt: skip
+
+
+def test_one_heldout_statistics_object_serves_two_models(tokenizer, stats):
+    """The cached base energies belong to a layer, not to a module name: a second model (other base weights) reusing
+    the same statistics object gets its own figures, equal to those from a fresh statistics object."""
+    heldout = collect_safety_statistics(make_llama(tokenizer), tokenizer, BENIGN_TEXTS, LLAMA_TARGETS, show_progress=False)  # noqa: E501  # fmt: skip
+    first, second = train(tokenizer, stats), train(tokenizer, stats)
+    for layer in (m for m in second.modules() if "default" in getattr(m, "lora_B", {})):
+        layer.base_layer.weight.data.mul_(2.0)  # another base model at the same module names
+    for model in (first, second):
+        train_steps(model, tokenizer, BENIGN_TEXTS, steps=3, lr=1e-2)
+    guardspace_report(first, heldout_statistics=heldout)  # fills the cache with the first model's energies
+    cached = guardspace_report(second, heldout_statistics=heldout)
+    fresh = guardspace_report(second, heldout_statistics=dataclasses.replace(heldout))
+    assert [layer.heldout_leakage for layer in cached.layers] == [layer.heldout_leakage for layer in fresh.layers]

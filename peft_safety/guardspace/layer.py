@@ -29,6 +29,16 @@ from .decomposition import project_rows
 GUARDSPACE_INIT = "guardspace"
 
 
+def _keeping_dtype(fn):
+    """``fn`` (a ``Module._apply`` conversion) restricted to moving tensors: a dtype change is dropped."""
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        moved = fn(tensor)
+        return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+
+    return convert
+
+
 LEGACY_BUFFERS = ("input_scale", "leak_vectors", "leak_values", "output_energy")  # added after peft-safety 0.1
 
 
@@ -137,11 +147,7 @@ class GuardState(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """Move the buffers with the model but keep them float32: ``model.to(torch.bfloat16)`` would otherwise round
         the basis, and a rounded ``P`` is no longer a projector (the update would leak onto calibration inputs)."""
-        for name, buffer in self._buffers.items():
-            if buffer is not None:
-                moved = fn(buffer)
-                self._buffers[name] = moved if moved.dtype == buffer.dtype else buffer.to(moved.device)
-        return self
+        return super()._apply(_keeping_dtype(fn), recurse)
 
     def extra_repr(self) -> str:
         return f"null_dim={self.null_dim}, stored={self.kind}, leaking={self.leak_values.numel()}"
@@ -157,11 +163,7 @@ class DtypeKeepingLinear(nn.Linear):
     """
 
     def _apply(self, fn, recurse: bool = True):
-        def keep_dtype(tensor: torch.Tensor) -> torch.Tensor:
-            moved = fn(tensor)
-            return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
-
-        return super()._apply(keep_dtype, recurse)
+        return super()._apply(_keeping_dtype(fn), recurse)
 
 
 class GuardSpaceVariant(lora_layer.LoraVariant):

@@ -172,9 +172,10 @@ def is_sharded(model: nn.Module, adapter_name: str) -> bool:
     return any(param.numel() == 0 for key, param in model.named_parameters() if f".{adapter_name}." in key)
 
 
-def _heldout_energies(statistics: SafetyStatistics | None) -> dict[str, float]:
-    """Per-module ``tr(W C' W^T)`` of ``statistics``, cached on the statistics object: the base weight does not
-    change while an adapter trains, so a callback pays the ``O(m n^2)`` product once per layer."""
+def _heldout_energies(statistics: SafetyStatistics | None) -> dict[tuple[str, int], float]:
+    """``tr(W C' W^T)`` per (module name, layer object id), cached on the statistics object: the base weight does
+    not change while an adapter trains, so a callback pays the ``O(m n^2)`` product once per layer; the object id
+    keeps the figures of two models apart when one statistics object serves both."""
     if statistics is None:
         return {}
     if not hasattr(statistics, "_base_energies"):
@@ -214,9 +215,10 @@ def guardspace_report(
                     "(peft_model.unmerge_adapter()) before reporting the held-out leakage."
                 )
             covariance = heldout_statistics.covariance(target)
-            if target not in energies:
-                energies[target] = _base_energy(module, covariance)
-            heldout = heldout_leakage(module, adapter_name, covariance, energies[target])
+            key = (target, id(module))
+            if key not in energies:
+                energies[key] = _base_energy(module, covariance)
+            heldout = heldout_leakage(module, adapter_name, covariance, energies[key])
         rows.append(
             LayerReport(
                 name=target,
