@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -155,3 +156,15 @@ def train_steps(
         losses.append(loss.item())
     model.eval()
     return losses
+
+
+def exit_worker() -> None:
+    """End a spawned distributed worker after ``destroy_process_group``, skipping interpreter teardown.
+
+    After DTensor collectives over gloo, torch's C++ teardown at interpreter exit sometimes aborts (a thread destroyed
+    while joinable: "terminate called without an active exception"), failing a worker whose results are already
+    written. Call this only once the results are on disk.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -19,7 +19,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import BENIGN_TEXTS, HARMFUL_PROMPTS, build_tokenizer, encode, layer_outputs, logits_of, make_llama
+from conftest import (
+    BENIGN_TEXTS,
+    HARMFUL_PROMPTS,
+    build_tokenizer,
+    encode,
+    exit_worker,
+    layer_outputs,
+    logits_of,
+    make_llama,
+)
 from peft import get_peft_model
 from safetensors.torch import load_file
 
@@ -61,7 +70,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         result = _rank_work(rank, Path(out_dir))
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
+        dist.barrier()
         dist.destroy_process_group()
+    exit_worker()
 
 
 def _rank_work(rank: int, out: Path) -> dict:

@@ -21,7 +21,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import BENIGN_TEXTS, HARMFUL_PROMPTS, build_tokenizer, logits_of, make_gpt2, make_llama, train_steps
+from conftest import (
+    BENIGN_TEXTS,
+    HARMFUL_PROMPTS,
+    build_tokenizer,
+    exit_worker,
+    logits_of,
+    make_gpt2,
+    make_llama,
+    train_steps,
+)
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
@@ -456,7 +465,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         result = {"report": report.to_dict(), "mismatch": mismatch}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
+        dist.barrier()
         dist.destroy_process_group()
+    exit_worker()
 
 
 def _free_port() -> int:
