@@ -141,9 +141,10 @@ def main() -> None:
 
     if args.adapters:  # the user's adapters, from their folders
         names = adapter_names(args.adapters)
-        peft_model = PeftModel.from_pretrained(base, args.adapters[0], adapter_name=names[0])
+        # is_trainable=True keeps GuardSpace adapters' projector bases, which the merge re-projects with
+        peft_model = PeftModel.from_pretrained(base, args.adapters[0], adapter_name=names[0], is_trainable=True)
         for name, folder in zip(names[1:], args.adapters[1:], strict=True):
-            peft_model.load_adapter(folder, adapter_name=name)
+            peft_model.load_adapter(folder, adapter_name=name, is_trainable=True)
     else:  # two LoRA adapters trained here from the same base, one per placeholder task, saved as a user would
         names = list(TASKS)
         config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM")

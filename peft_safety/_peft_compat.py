@@ -14,7 +14,8 @@ config exactly to PEFT:
   `peft_safety.somf.fusion`) for the combinations SOMF implements, and the SVD ones are refused before the
   model is touched.
 * ``PeftModel.save_pretrained``: records each saved GuardSpace adapter's leakage certificate in its config
-  (``calibration_leakage`` in ``adapter_config.json``).
+  (``calibration_leakage`` in ``adapter_config.json``), and refuses adapters loaded for inference only (they hold
+  no projector basis to save).
 
 GuardSpace layers reach PEFT through ``LoraConfig._register_custom_module``.
 """
@@ -230,6 +231,7 @@ def _wrap_save_pretrained(save_pretrained):
     @functools.wraps(save_pretrained)
     def wrapper(self, *args, **kwargs):
         from .guardspace.config import GuardSpaceConfig
+        from .guardspace.layer import INFERENCE_ONLY_MESSAGE
         from .guardspace.report import guardspace_report, is_sharded
 
         selected = signature.bind(self, *args, **kwargs).arguments.get("selected_adapters")
@@ -237,6 +239,9 @@ def _wrap_save_pretrained(save_pretrained):
             config = self.peft_config.get(name)
             if not isinstance(config, GuardSpaceConfig):
                 continue
+            guarded = [module.lora_guard[name] for module in _guarded(self) if name in module.lora_guard]
+            if any(state.inference_only for state in guarded):
+                raise ValueError(f"Cannot save GuardSpace adapter '{name}'. {INFERENCE_ONLY_MESSAGE}")
             if is_sharded(self, name):
                 # ZeRO-3 / FSDP: the live adapter weights are shards; the trainer saves a gathered state_dict
                 logger.warning(
@@ -250,6 +255,11 @@ def _wrap_save_pretrained(save_pretrained):
         return save_pretrained(self, *args, **kwargs)
 
     return wrapper
+
+
+def _guarded(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that hold GuardSpace adapters."""
+    return [module for module in model.modules() if "lora_guard" in getattr(module, "_modules", {})]
 
 
 def attach_merge_with_safety_mask() -> None:

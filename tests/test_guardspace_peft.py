@@ -127,8 +127,9 @@ def test_load_reproduces_logits_without_svd_or_statistics(
     expected = trained[0].state_dict()
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, expected[key]), key
-    if not low_cpu_mem_usage:  # as at creation, q/k/v (and gate/up) hold one basis tensor per input site
-        for model in (trained[0], loaded):
+    if not low_cpu_mem_usage:  # as at creation, a trainable load gives q/k/v (and gate/up) one basis per input site
+        trainable = PeftModel.from_pretrained(make_llama(tokenizer), saved, is_trainable=True)
+        for model in (trained[0], trainable):
             layer = model.base_model.model.model.layers[0]
             bases = [getattr(layer.self_attn, p).lora_guard["default"].basis for p in ("q_proj", "k_proj", "v_proj")]
             assert len({b.data_ptr() for b in bases}) == 1

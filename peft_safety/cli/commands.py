@@ -123,9 +123,10 @@ def cmd_merge(args: argparse.Namespace) -> None:
         extra["retain_data"] = read_rows(_require_file(args.retain_data, "--retain-data"))
 
     model, tokenizer = load_model(args)
-    peft_model = _load_adapter(model, args.adapters[0], names[0])
+    # trainable loads keep GuardSpace adapters' projector bases, which the merge re-projects with
+    peft_model = _load_adapter(model, args.adapters[0], names[0], is_trainable=True)
     for name, path in zip(names[1:], args.adapters[1:], strict=True):
-        peft_model.load_adapter(path, adapter_name=name)
+        peft_model.load_adapter(path, adapter_name=name, is_trainable=True)
     masks = peft_model.merge_with_safety_mask(
         adapters=names,
         weights=weights,

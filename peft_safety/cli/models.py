@@ -112,7 +112,9 @@ def load_model(args: argparse.Namespace):
     return model, tokenizer
 
 
-def _load_adapter(model, path: str, adapter_name: str = "default"):
+def _load_adapter(model, path: str, adapter_name: str = "default", is_trainable: bool = False):
+    """``PeftModel.from_pretrained`` with usage errors. ``is_trainable=True`` keeps a GuardSpace adapter's projector
+    basis (needed to re-project it in a merge); otherwise it is loaded for inference only, without the basis."""
     from peft import PeftModel  # importing peft registers GuardSpace with it (see peft_safety/__init__.py)
 
     from .. import _register_with_peft
@@ -120,7 +122,7 @@ def _load_adapter(model, path: str, adapter_name: str = "default"):
     _register_with_peft()  # idempotent: explicit, so that loading never depends on import order
 
     try:
-        return PeftModel.from_pretrained(model, path, adapter_name=adapter_name).eval()
+        return PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable).eval()
     except Exception as err:  # PEFT and safetensors raise many types for broken or foreign adapters
         message = " ".join(str(err).split())[:300] or type(err).__name__
         raise UsageError(f"adapter {path!r} could not be loaded on this model ({message})") from err

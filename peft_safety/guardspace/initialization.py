@@ -206,9 +206,14 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
                 "its statistics."
             )
         leak_dim = (config.near_null_dims or {}).get(target_name, 0)
-        state = GuardState(layer.in_features, layer.out_features, r, null_dim, leak_dim, device)
+        inference_only = bool(config.inference_mode)  # is_trainable=False: fold at load, allocate no basis
+        scaling = layer.scaling[adapter_name]
+        state = GuardState(
+            layer.in_features, layer.out_features, r, null_dim, leak_dim, device, inference_only, scaling
+        )
         state.leakage_bound = config.max_calibration_leakage
-        _share_restored_basis(config, target_name, state)
+        if not inference_only:
+            _share_restored_basis(config, target_name, state)
         layer.lora_guard[adapter_name] = state
         return
     site = session.statistics.site_of[target_name]

@@ -42,6 +42,57 @@ def _keeping_dtype(fn):
 LEGACY_BUFFERS = ("input_scale", "leak_vectors", "leak_values", "output_energy")  # added after peft-safety 0.1
 
 
+INFERENCE_ONLY_MESSAGE = (
+    "This GuardSpace adapter was loaded for inference only (PeftModel.from_pretrained(..., is_trainable=False), the "
+    "default): it holds no null-space basis, so training it, re-projecting it (SOMF, add_weighted_adapter) or saving "
+    "it again would lose the projection. Load it with PeftModel.from_pretrained(model, path, is_trainable=True) "
+    "for that."
+)
+
+
+def _leakage(
+    trained_A: torch.Tensor,
+    frozen_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    frozen_B: torch.Tensor,
+    vectors: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """``s^2 sum_j lambda_j ||(B A_eff P - B0 A0_eff P) n_j||^2`` (``()``) for ``(r, n)`` input sides, ``(m, r)``
+    output sides, leaking directions ``vectors`` ``(n, j)`` and eigenvalues ``values`` ``(j,)``."""
+    if values.numel() == 0:
+        return trained_A.new_zeros(())
+    vectors = vectors.float()
+    moved = lora_B.float() @ (trained_A @ vectors) - frozen_B.float() @ (frozen_A @ vectors)  # (m, j)
+    return scaling**2 * (moved.pow(2).sum(0) * values.float()).sum()
+
+
+def _bounded(
+    trained_A: torch.Tensor,
+    frozen_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    frozen_B: torch.Tensor,
+    vectors: torch.Tensor,
+    values: torch.Tensor,
+    output_energy: torch.Tensor,
+    bound: float | None,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(r, n)`` input sides with their leaking component scaled down so that the leakage is at most
+    ``bound * output_energy`` (unchanged when ``bound`` is ``None`` or nothing leaks)."""
+    if bound is None or values.numel() == 0:
+        return trained_A, frozen_A
+    with torch.no_grad():
+        leakage = _leakage(trained_A, frozen_A, lora_B, frozen_B, vectors, values, scaling)
+        allowed = bound * output_energy.float()
+        shrink = 1.0 - (allowed / leakage.clamp_min(torch.finfo(leakage.dtype).tiny)).sqrt().clamp(max=1.0)
+    vectors = vectors.float()
+    trained_A = trained_A - shrink * (trained_A @ vectors) @ vectors.T
+    frozen_A = frozen_A - shrink * (frozen_A @ vectors) @ vectors.T
+    return trained_A, frozen_A
+
+
 class GuardState(nn.Module):
     """Frozen per-adapter GuardSpace tensors of one layer (buffers: saved with the adapter, never trained).
 
@@ -60,31 +111,55 @@ class GuardState(nn.Module):
     ``leakage_bound`` (from the config's ``max_calibration_leakage``, not saved here): bound on
     ``leakage / output_energy``, or ``None``.
 
+    ``inference_only`` (an adapter loaded with ``is_trainable=False``): no ``basis`` and no ``leak_vectors`` are
+    allocated. While the checkpoint loads, the trained input side ``A_eff P`` (after any leakage bound) is computed
+    once from the checkpoint's tensors into ``folded_A`` (``(r, n)``), and the certificate into ``folded_leakage``
+    (``()``); both are rebuilt at each load, never saved. The forward pass, merges, exports and the report then give
+    what the trainable adapter gives, without the ``n x min(k, n - k)`` and ``n x j`` bases; training, re-projecting
+    or saving it raises.
+
     Every buffer is read through ``.float()``: they are float32 (see `_apply()`), but FSDP's mixed precision casts
     buffers by assigning ``.data``, which no module hook sees.
     """
 
     def __init__(
-        self, in_features: int, out_features: int, r: int, null_dim: int, leak_dim: int = 0, device=None
+        self,
+        in_features: int,
+        out_features: int,
+        r: int,
+        null_dim: int,
+        leak_dim: int = 0,
+        device=None,
+        inference_only: bool = False,
+        scaling: float = 1.0,
     ) -> None:
         super().__init__()
         self.null_dim = null_dim
         self.kind = "null" if null_dim <= in_features - null_dim else "range"
         self.leakage_bound: float | None = None
+        self.inference_only = inference_only
+        self.scaling = scaling  # the layer's LoRA scaling, needed to fold an inference-only adapter at load time
         width = min(null_dim, in_features - null_dim)
         # NaN until filled by the initialiser or a checkpoint: a forward with unfilled buffers fails loudly.
         nan = dict(dtype=torch.float32, device=device)
-        self.register_buffer("basis", torch.full((in_features, width), float("nan"), **nan))
+        if inference_only:  # no projector basis: the trained input side is folded at load time (see class docstring)
+            self.register_buffer("folded_A", torch.full((r, in_features), float("nan"), **nan), persistent=False)
+            self.register_buffer("folded_leakage", torch.tensor(float("nan"), **nan), persistent=False)
+        else:
+            self.register_buffer("basis", torch.full((in_features, width), float("nan"), **nan))
         self.register_buffer("input_scale", torch.ones(r, **nan))  # adapters saved before it existed: ones
         self.register_buffer("frozen_A", torch.full((r, in_features), float("nan"), **nan))
         self.register_buffer("frozen_B", torch.full((out_features, r), float("nan"), **nan))
         self.register_buffer("singular_values", torch.full((r,), float("nan"), **nan))
-        self.register_buffer("leak_vectors", torch.full((in_features, leak_dim), float("nan"), **nan))
+        if not inference_only:
+            self.register_buffer("leak_vectors", torch.full((in_features, leak_dim), float("nan"), **nan))
         self.register_buffer("leak_values", torch.full((leak_dim,), float("nan"), **nan))
         self.register_buffer("output_energy", torch.tensor(float("nan"), **nan))
 
     def project(self, lora_A: torch.Tensor) -> torch.Tensor:
         """``lora_A @ P`` (``(r, n)``)."""
+        if self.inference_only:
+            raise RuntimeError(INFERENCE_ONLY_MESSAGE)
         return project_rows(lora_A, self.basis.float(), self.kind)
 
     def effective_A(self, lora_A: torch.Tensor) -> torch.Tensor:
@@ -98,12 +173,11 @@ class GuardState(nn.Module):
 
         The expected squared change of this layer's output on the calibration inputs (exact-null directions
         contribute nothing). ``trained_A``, ``frozen_A``: the ``(r, n)`` input sides ``A_eff P`` and ``A0_eff P``.
+        An inference-only state returns the figure computed when it was loaded.
         """
-        if self.leak_values.numel() == 0:
-            return trained_A.new_zeros(())
-        vectors = self.leak_vectors.float()
-        moved = lora_B.float() @ (trained_A @ vectors) - self.frozen_B.float() @ (frozen_A @ vectors)  # (m, j)
-        return scaling**2 * (moved.pow(2).sum(0) * self.leak_values.float()).sum()
+        if self.inference_only:
+            return self.folded_leakage.float()
+        return _leakage(trained_A, frozen_A, lora_B, self.frozen_B, self.leak_vectors, self.leak_values, scaling)
 
     def input_factors(
         self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
@@ -113,25 +187,25 @@ class GuardState(nn.Module):
         With ``leakage_bound`` set, the near-null component of the update is scaled down by
         ``c = min(1, sqrt(leakage_bound * output_energy / leakage))`` (computed without gradient, like a clip), so
         that the certified leakage of the update actually applied never exceeds the bound. No branch on tensor
-        values: no device-to-host synchronisation per forward.
+        values: no device-to-host synchronisation per forward. An inference-only state returns the factors folded
+        at load time, and raises if ``lora_A`` or ``lora_B`` is being trained.
         """
+        if self.inference_only:
+            if torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad):
+                raise RuntimeError(INFERENCE_ONLY_MESSAGE)
+            return self.folded_A.float(), self.frozen_A.float()
         trained_A, frozen_A = self.effective_A(lora_A), self.frozen_A.float()
-        if self.leakage_bound is None or self.leak_values.numel() == 0:
-            return trained_A, frozen_A
-        with torch.no_grad():
-            leakage = self.leakage(trained_A, frozen_A, lora_B, scaling)
-            allowed = self.leakage_bound * self.output_energy.float()
-            shrink = 1.0 - (allowed / leakage.clamp_min(torch.finfo(leakage.dtype).tiny)).sqrt().clamp(max=1.0)
-        vectors = self.leak_vectors.float()
-        trained_A = trained_A - shrink * (trained_A @ vectors) @ vectors.T
-        frozen_A = frozen_A - shrink * (frozen_A @ vectors) @ vectors.T
-        return trained_A, frozen_A
+        return _bounded(
+            trained_A, frozen_A, lora_B, self.frozen_B, self.leak_vectors, self.leak_values, self.output_energy,
+            self.leakage_bound, scaling,
+        )  # fmt: skip
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
         """Adapters saved by peft-safety 0.1 have no ``input_scale`` (ones: their factors were applied as they are)
         and no certificate buffers: load them with one clear warning instead of PEFT's missing-key list."""
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
-        legacy = [prefix + name for name in LEGACY_BUFFERS if prefix + name not in state_dict]
+        registered = [name for name in LEGACY_BUFFERS if name in self._buffers]
+        legacy = [prefix + name for name in registered if prefix + name not in state_dict]
         if legacy and prefix + "frozen_A" in state_dict:
             for key in legacy:
                 if key in missing_keys:
@@ -143,6 +217,34 @@ class GuardState(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
+
+    @torch.no_grad()
+    def fold(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fill ``folded_A`` and ``folded_leakage`` of an inference-only state from checkpoint tensors; return the
+        frozen input side to load as ``frozen_A`` (``(r, n)``, scaled down with the trained one under a bound).
+
+        ``tensors``: ``lora_A`` (``(r, n)``), ``lora_B`` (``(m, r)``), ``basis``, ``frozen_A``, ``frozen_B``, and,
+        unless saved by peft-safety 0.1, ``input_scale``, ``leak_vectors``, ``leak_values``, ``output_energy``: the
+        same float32 operations as a trainable adapter's forward pass, done once.
+        """
+        device = self.folded_A.device
+        get = {name: value.to(device) for name, value in tensors.items()}.get
+        input_scale = get("input_scale", torch.ones(self.folded_A.shape[0], device=device))
+        trained_A = project_rows(get("lora_A").float(), get("basis").float(), self.kind)
+        trained_A = trained_A * input_scale.float().unsqueeze(1)
+        frozen_A, lora_B, frozen_B = get("frozen_A").float(), get("lora_B").float(), get("frozen_B")
+        if get("leak_vectors") is None:  # saved by peft-safety 0.1: no certificate
+            self.folded_A.copy_(trained_A)
+            self.folded_leakage.fill_(float("nan"))
+            return frozen_A
+        vectors, values = get("leak_vectors"), get("leak_values")
+        trained_A, frozen_A = _bounded(
+            trained_A, frozen_A, lora_B, frozen_B, vectors, values, get("output_energy"), self.leakage_bound,
+            self.scaling,
+        )  # fmt: skip
+        self.folded_A.copy_(trained_A)
+        self.folded_leakage.copy_(_leakage(trained_A, frozen_A, lora_B, frozen_B, vectors, values, self.scaling))
+        return frozen_A
 
     def _apply(self, fn, recurse: bool = True):
         """Move the buffers with the model but keep them float32: ``model.to(torch.bfloat16)`` would otherwise round
@@ -262,6 +364,41 @@ class GuardSpaceLayerMixin:
             delta = GuardSpaceVariant.delta_weight(self, adapter)
             return delta.to(self.lora_B[adapter].weight.dtype)
         return super().get_delta_weight(adapter)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
+        """Fold inference-only GuardSpace adapters (see `GuardState`) from this layer's part of the checkpoint.
+
+        PEFT hands over the checkpoint's ``basis`` and ``leak_vectors`` under ``<layer>.lora_guard.<name>`` without
+        the adapter name (the model has no such buffers); they are read here, where the adapter's ``lora_A`` and
+        ``lora_B`` are visible too, and dropped. The children (``lora_A``, ``lora_guard``, ...) load after this.
+        """
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
+        states = self._modules.get("lora_guard") or {}
+        loading = [
+            name
+            for name, state in states.items()
+            if state.inference_only and f"{prefix}lora_A.{name}.weight" in state_dict
+        ]
+        if not loading:
+            return
+        if len(loading) > 1:
+            errors.append(f"{prefix}: cannot tell which of {loading} the checkpoint's GuardSpace basis belongs to.")
+            return
+        name = loading[0]
+        own = f"{prefix}lora_guard.{name}."
+        tensors = {key.removeprefix(own): value for key, value in state_dict.items() if key.startswith(own)}
+        tensors["lora_A"] = state_dict[f"{prefix}lora_A.{name}.weight"]
+        tensors["lora_B"] = state_dict[f"{prefix}lora_B.{name}.weight"]
+        for buffer in ("basis", "leak_vectors"):
+            for key in (f"{prefix}lora_guard.{buffer}", own + buffer):
+                if key in state_dict:
+                    tensors[buffer] = state_dict.pop(key)
+        if "basis" not in tensors or "frozen_A" not in tensors:
+            errors.append(
+                f"{prefix}: the checkpoint holds no GuardSpace basis for the inference-only adapter '{name}'."
+            )
+            return
+        state_dict[own + "frozen_A"] = states[name].fold(tensors)  # the children load from this dict
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

@@ -1,0 +1,242 @@
+"""Memory of GuardSpace adapters at real Llama shapes, from the buffers the code allocates.
+
+Per adapted module (``W`` is ``m x n``, rank ``r``) a GuardSpace adapter holds, besides LoRA's trainable ``A``
+(``r x n``) and ``B`` (``m x r``), the float32 buffers of ``GuardState`` (``peft_safety/guardspace/layer.py``):
+
+* per module: ``frozen_A`` (``r x n``), ``frozen_B`` (``m x r``), ``input_scale`` and ``singular_values``
+  (``r`` each), ``output_energy`` (1);
+* per input site (one tensor shared by the modules that read the same input: q/k/v, gate/up): ``basis``
+  (``n x min(k, n - k)``), ``leak_vectors`` (``n x j``) and ``leak_values`` (``j``), with ``k`` the null-space
+  dimension and ``j`` its leaking (non-exact) directions.
+
+``--validate`` checks this formula against the bytes actually allocated (distinct storages) on a small Llama, for
+several thresholds. The Llama-2-7B / Llama-3-8B table takes ``k / n`` and ``j / n`` per site and layer depth from
+real statistics (``--statistics``, e.g. SmolLM2-135M-Instruct on 128 AdvBench prompts in its chat template), at
+the default threshold and at 1e-4, and adds the worst case (``k = j = n / 2`` everywhere, the maximum of the
+formula). Training memory of the adapter (LoRA's or GuardSpace's trainable factors): float32 parameters, their
+gradients and two AdamW moments, 16 bytes per parameter.
+
+    python benchmarks/memory_model.py --validate
+    python benchmarks/memory_model.py --statistics stats.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+GUARD_BYTES = 4  # GuardState buffers are float32 whatever the model's dtype
+TRAIN_BYTES = 16  # float32 parameter + gradient + two AdamW moments
+BASE_BYTES = 2  # bf16 base weights
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """Dimensions of a Llama-architecture model."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    kv_out: int  # output width of k_proj / v_proj (hidden for MHA, smaller with GQA)
+    vocab: int
+
+    def modules(self) -> list[tuple[str, str, int, int]]:
+        """``(module, site, m, n)`` of the seven linear layers of one block, site = first module reading the input."""
+        h, f, kv = self.hidden, self.intermediate, self.kv_out
+        return [
+            ("q_proj", "qkv", h, h),
+            ("k_proj", "qkv", kv, h),
+            ("v_proj", "qkv", kv, h),
+            ("o_proj", "o", h, h),
+            ("gate_proj", "gate_up", f, h),
+            ("up_proj", "gate_up", f, h),
+            ("down_proj", "down", h, f),
+        ]
+
+    def base_parameters(self) -> int:
+        """Parameters of the whole model: embeddings, untied LM head, linear layers and RMSNorm weights."""
+        linear = sum(m * n for _, _, m, n in self.modules())
+        return 2 * self.vocab * self.hidden + self.layers * (linear + 2 * self.hidden) + self.hidden
+
+
+LLAMA_2_7B = LlamaShape("Llama-2-7B", 4096, 11008, 32, 4096, 32000)
+LLAMA_3_8B = LlamaShape("Llama-3-8B", 4096, 14336, 32, 1024, 128256)
+
+
+def site_buffer_elements(n: int, k: int, j: int) -> int:
+    """Elements of the per-site buffers: ``basis`` ``n x min(k, n - k)``, ``leak_vectors`` ``n x j``, ``leak_values``."""
+    return n * min(k, n - k) + n * j + j
+
+
+def module_buffer_elements(m: int, n: int, r: int) -> int:
+    """Elements of the per-module buffers: ``frozen_A``, ``frozen_B``, ``input_scale``, ``singular_values``,
+    ``output_energy``."""
+    return r * n + m * r + 2 * r + 1
+
+
+def lora_parameters(m: int, n: int, r: int) -> int:
+    """Trainable parameters of one adapter (LoRA's or GuardSpace's): ``A`` (``r x n``) and ``B`` (``m x r``)."""
+    return r * (n + m)
+
+
+# null-space fractions of a site: (layer depth in [0, 1], site) -> (k / n, j / n)
+Fractions = Callable[[float, str], tuple[float, float]]
+
+
+def model_memory(shape: LlamaShape, r: int, fractions: Fractions) -> dict[str, float]:
+    """Bytes of the base weights (bf16), of LoRA's training state and of GuardSpace's extra buffers."""
+    guard = lora = 0
+    for layer in range(shape.layers):
+        depth = layer / max(shape.layers - 1, 1)
+        widths: dict[str, int] = {}
+        for _, site, m, n in shape.modules():
+            widths[site] = n
+            guard += module_buffer_elements(m, n, r)
+            lora += lora_parameters(m, n, r)
+        for site, n in widths.items():
+            k_frac, j_frac = fractions(depth, site)
+            guard += site_buffer_elements(n, round(k_frac * n), round(j_frac * n))
+    return {
+        "base": shape.base_parameters() * BASE_BYTES,
+        "lora_training": lora * TRAIN_BYTES,
+        "guard_buffers": guard * GUARD_BYTES,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def allocated_guard_bytes(peft_model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind every GuardSpace buffer of ``peft_model``."""
+    storages = {}
+    for name, buffer in peft_model.named_buffers(remove_duplicate=False):
+        if ".lora_guard." in name:
+            storage = buffer.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def predicted_guard_bytes(peft_model: torch.nn.Module, adapter_name: str = "default") -> int:
+    """The formula's bytes for the null-space dimensions recorded in the adapter's config."""
+    config = peft_model.peft_config[adapter_name]
+    modules = dict(peft_model.base_model.model.named_modules())
+    total, sites = 0, {}
+    for name, k in config.null_space_dims.items():
+        layer = modules[name]
+        total += module_buffer_elements(layer.out_features, layer.in_features, layer.r[adapter_name])
+        sites[config.null_space_sites[name]] = (layer.in_features, k, config.near_null_dims[name])
+    total += sum(site_buffer_elements(*site) for site in sites.values())
+    return total * GUARD_BYTES
+
+
+def validate(thresholds: tuple[float | str, ...] = ("auto", 1e-6, 1e-3, 1e-2)) -> list[tuple[str, int, int]]:
+    """``(threshold, predicted, allocated)`` bytes on a small random Llama (hidden 96, MLP 256, GQA, 2 layers)."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peft_safety import GuardSpaceConfig, collect_safety_statistics
+
+    try:
+        from benchmarks.common import LLAMA_TARGETS, build_tokenizer, load_harmful_prompts
+    except ImportError:  # run as a script from the benchmarks folder
+        from common import LLAMA_TARGETS, build_tokenizer, load_harmful_prompts
+
+    prompts, _ = load_harmful_prompts(48)
+    tokenizer = build_tokenizer(prompts, 512)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    rows = []
+    for threshold in thresholds:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+        statistics = collect_safety_statistics(model, tokenizer, prompts, LLAMA_TARGETS, show_progress=False)
+        guard = GuardSpaceConfig(
+            r=4, target_modules=LLAMA_TARGETS, safety_statistics=statistics, null_space_threshold=threshold
+        )
+        peft_model = get_peft_model(model, guard)
+        rows.append((str(threshold), predicted_guard_bytes(peft_model), allocated_guard_bytes(peft_model)))
+    return rows
+
+
+# ------------------------------------------------------------------------------------- measured fractions
+SITE_OF_SUFFIX = {"q_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up", "down_proj": "down"}
+
+
+def measured_fractions(path: str, threshold: float | str, r: int) -> tuple[Fractions, dict[str, list[float]]]:
+    """Per-site ``(k / n, j / n)`` by layer depth from a statistics file, and the ``k / n`` per site and layer."""
+    from peft_safety import SafetyStatistics
+    from peft_safety.guardspace.decomposition import null_space_basis
+
+    statistics = SafetyStatistics.load(path)
+    table: dict[str, list[tuple[float, float]]] = {}
+    for site in sorted(statistics.covariance_sums, key=_layer_index):
+        basis = null_space_basis(
+            statistics.covariance(site), threshold, min_exact_dim=r, accumulation_dtype=torch.float64
+        )
+        n = basis.in_features
+        table.setdefault(SITE_OF_SUFFIX[site.rsplit(".", 1)[-1]], []).append(
+            (basis.null_dim / n, basis.leak_values.numel() / n)
+        )
+
+    def fractions(depth: float, site: str) -> tuple[float, float]:
+        values = table[site]
+        return values[min(round(depth * (len(values) - 1)), len(values) - 1)]
+
+    return fractions, {site: [k for k, _ in values] for site, values in table.items()}
+
+
+def _layer_index(site: str) -> int:
+    return int(site.split(".layers.")[1].split(".")[0])
+
+
+def worst_case(_depth: float, _site: str) -> tuple[float, float]:
+    """``k = j = n / 2``: the largest ``min(k, n - k) + j`` a site can hold is ``n``, reached from ``k = n / 2``."""
+    return 0.5, 0.5
+
+
+def _row(shape: LlamaShape, label: str, memory: dict[str, float]) -> str:
+    base, lora, guard = memory["base"], memory["lora_training"], memory["guard_buffers"]
+    return (
+        f"| {shape.name} | {label} | {base / GIB:.2f} | {lora / GIB:.2f} | {guard / GIB:.2f} | "
+        f"{100 * guard / base:.1f} % | {guard / lora:.1f} |"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--statistics", help="safety statistics file to take null-space fractions from")
+    parser.add_argument("--validate", action="store_true", help="check the formula against allocated bytes")
+    args = parser.parse_args(argv)
+    if args.validate:
+        print("| threshold | predicted bytes | allocated bytes |\n|---|---|---|")
+        for threshold, predicted, allocated in validate():
+            print(f"| {threshold} | {predicted} | {allocated} |")
+            if predicted != allocated:
+                raise SystemExit(f"formula {predicted} != allocated {allocated} at threshold {threshold}")
+    scenarios: list[tuple[str, Fractions]] = [("no null space (k = 0)", lambda _d, _s: (0.0, 0.0))]
+    if args.statistics:
+        for threshold in ("auto", 1e-4):
+            fractions, per_layer = measured_fractions(args.statistics, threshold, args.r)
+            summary = ", ".join(f"{site} {100 * sum(v) / len(v):.0f} %" for site, v in per_layer.items())
+            print(f"mean k / n at threshold {threshold}: {summary}")
+            scenarios.append((f"measured fractions, threshold {threshold}", fractions))
+    scenarios.append(("worst case (k = j = n/2)", worst_case))
+    print(
+        f"\n| model | null space | bf16 base GiB | LoRA r {args.r} training GiB | GuardSpace extra buffers GiB | "
+        "extra / base | extra / LoRA |\n|---|---|---|---|---|---|---|"
+    )
+    for shape in (LLAMA_2_7B, LLAMA_3_8B):
+        for label, fractions in scenarios:
+            print(_row(shape, label, model_memory(shape, args.r, fractions)))
+    assert math.isclose(LLAMA_2_7B.base_parameters() / 1e9, 6.74, abs_tol=0.01)  # the published parameter count
+
+
+if __name__ == "__main__":
+    main()
