@@ -23,11 +23,14 @@ gradients and two AdamW moments, 16 bytes per parameter.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from peft_safety.guardspace.decomposition import PAPER_THRESHOLD, eigenvalues, exact_null_floor
 
 GUARD_BYTES = 4  # GuardState buffers are float32 whatever the model's dtype
 TRAIN_BYTES = 16  # float32 parameter + gradient + two AdamW moments
@@ -70,7 +73,8 @@ LLAMA_3_8B = LlamaShape("Llama-3-8B", 4096, 14336, 32, 1024, 128256)
 
 
 def site_buffer_elements(n: int, k: int, j: int) -> int:
-    """Elements of the per-site buffers: ``basis`` ``n x min(k, n - k)``, ``leak_vectors`` ``n x j``, ``leak_values``."""
+    """Elements of the per-site buffers: ``basis`` (``n x min(k, n - k)``), ``leak_vectors`` (``n x j``) and
+    ``leak_values`` (``j``)."""
     return n * min(k, n - k) + n * j + j
 
 
@@ -168,27 +172,47 @@ def validate(thresholds: tuple[float | str, ...] = ("auto", 1e-6, 1e-3, 1e-2)) -
 SITE_OF_SUFFIX = {"q_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up", "down_proj": "down"}
 
 
+def null_dims(values: torch.Tensor, threshold: float | str, r: int) -> tuple[int, int]:
+    """``(k, j)`` for ascending eigenvalues ``values`` of a float64-accumulated covariance: the rule of
+    ``null_space_basis`` (``peft_safety/guardspace/decomposition.py``) from the eigenvalues alone, without vectors."""
+    top = float(values[-1].clamp_min(0))
+    floor = exact_null_floor(values.numel(), torch.float64)
+    exact = int((values <= floor * top).sum())
+    if threshold == "auto" and floor < PAPER_THRESHOLD and exact >= r:
+        return exact, 0
+    relative = PAPER_THRESHOLD if threshold == "auto" else float(threshold)
+    k = int((values <= relative * top).sum())
+    return k, k - min(exact, k)
+
+
 def measured_fractions(path: str, threshold: float | str, r: int) -> tuple[Fractions, dict[str, list[float]]]:
     """Per-site ``(k / n, j / n)`` by layer depth from a statistics file, and the ``k / n`` per site and layer."""
-    from peft_safety import SafetyStatistics
-    from peft_safety.guardspace.decomposition import null_space_basis
-
-    statistics = SafetyStatistics.load(path)
     table: dict[str, list[tuple[float, float]]] = {}
-    for site in sorted(statistics.covariance_sums, key=_layer_index):
-        basis = null_space_basis(
-            statistics.covariance(site), threshold, min_exact_dim=r, accumulation_dtype=torch.float64
-        )
-        n = basis.in_features
-        table.setdefault(SITE_OF_SUFFIX[site.rsplit(".", 1)[-1]], []).append(
-            (basis.null_dim / n, basis.leak_values.numel() / n)
-        )
+    for site, values in site_eigenvalues(path).items():
+        k, j = null_dims(values, threshold, r)
+        table.setdefault(SITE_OF_SUFFIX[site.rsplit(".", 1)[-1]], []).append((k / values.numel(), j / values.numel()))
 
     def fractions(depth: float, site: str) -> tuple[float, float]:
         values = table[site]
         return values[min(round(depth * (len(values) - 1)), len(values) - 1)]
 
     return fractions, {site: [k for k, _ in values] for site, values in table.items()}
+
+
+@functools.cache
+def site_eigenvalues(path: str) -> dict[str, torch.Tensor]:
+    """Ascending eigenvalues of every site's covariance in a statistics file, sites in layer order."""
+    from peft_safety import SafetyStatistics
+
+    statistics = SafetyStatistics.load(path)
+    sites = sorted(statistics.covariance_sums, key=_layer_index)
+    return {
+        site: eigenvalues(_symmetric(statistics.covariance(statistics.modules_of_site(site)[0]))) for site in sites
+    }
+
+
+def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    return (matrix + matrix.T) / 2
 
 
 def _layer_index(site: str) -> int:

@@ -223,3 +223,51 @@ def test_init_equals_base_in_training_mode_with_lora_dropout(tokenizer):
     with torch.no_grad():
         expected = base(**batch).logits
         assert torch.equal(model(**batch).logits, expected)
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA
+def _cuda_stress_run(tokenizer, arch: str, method: str) -> float:
+    """Calibration-logit drift of a bf16 base on CUDA after the stress training (AdamW under bf16 autocast)."""
+    from peft_safety._device import to_device
+
+    device = torch.device("cuda")
+    make, targets = ARCHITECTURES[arch]
+    if method == "lora":
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=targets)
+    else:
+        statistics = collect_safety_statistics(
+            make(tokenizer, torch.bfloat16).to(device), tokenizer, CALIBRATION, targets, show_progress=False
+        )
+        config = GuardSpaceConfig(r=8, lora_alpha=16, target_modules=targets, safety_statistics=statistics)
+    torch.manual_seed(0)
+    model = get_peft_model(make(tokenizer, torch.bfloat16).to(device), config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=STRESS["lr"], weight_decay=STRESS["weight_decay"])
+    batch = to_device(encode(tokenizer, BENIGN_TEXTS), device)
+    model.train()
+    for _ in range(STRESS["steps"]):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, STRESS["max_grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    calibration = to_device(encode(tokenizer, CALIBRATION), device)
+    reference = make(tokenizer, torch.bfloat16).to(device).eval()
+    with torch.no_grad():
+        mask = calibration["attention_mask"].bool()
+        inputs = {"input_ids": calibration["input_ids"], "attention_mask": calibration["attention_mask"]}
+        logits, base = model(**inputs).logits[mask], reference(**inputs).logits[mask]
+    return relative_change(logits, base)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cuda_bf16_calibration_logits_held_under_stress_training(tokenizer, arch):
+    """The bf16-base setting of the stress test on CUDA (cuBLAS bf16 kernels, CUDA autocast)."""
+    lora = _cuda_stress_run(tokenizer, arch, "lora")
+    guarded = _cuda_stress_run(tokenizer, arch, "guardspace")
+    assert lora > 0.3, lora
+    assert guarded <= lora / 20, (guarded, lora)
