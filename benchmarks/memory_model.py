@@ -7,14 +7,15 @@ Per adapted module (``W`` is ``m x n``, rank ``r``) a GuardSpace adapter holds, 
   (``r`` each), ``output_energy`` (1);
 * per input site (one tensor shared by the modules that read the same input: q/k/v, gate/up): ``basis``
   (``n x min(k, n - k)``), ``leak_vectors`` (``n x j``) and ``leak_values`` (``j``), with ``k`` the null-space
-  dimension and ``j`` its leaking (non-exact) directions.
+  dimension and ``j`` its leaking (non-exact) directions. With ``compact_bases=True`` the null basis ``N``
+  (``n x k``) holds the leak vectors as columns whenever ``k - j <= n - k``.
 
 ``--validate`` checks this formula against the bytes actually allocated (distinct storages) on a small Llama, for
 several thresholds. The Llama-2-7B / Llama-3-8B table takes ``k / n`` and ``j / n`` per site and layer depth from
 real statistics (``--statistics``, e.g. SmolLM2-135M-Instruct on 128 AdvBench prompts in its chat template), at
-the default threshold and at 1e-4, and adds the worst case (``k = j = n / 2`` everywhere, the maximum of the
-formula). Training memory of the adapter (LoRA's or GuardSpace's trainable factors): float32 parameters, their
-gradients and two AdamW moments, 16 bytes per parameter.
+the default threshold and at 1e-4, and adds ``k = j = n / 2`` everywhere (the default storage's maximum).
+Training memory of the adapter (LoRA's or GuardSpace's trainable factors): float32 parameters, their gradients and
+two AdamW moments, 16 bytes per parameter.
 
     python benchmarks/memory_model.py --validate
     python benchmarks/memory_model.py --statistics stats.safetensors
@@ -72,9 +73,12 @@ LLAMA_2_7B = LlamaShape("Llama-2-7B", 4096, 11008, 32, 4096, 32000)
 LLAMA_3_8B = LlamaShape("Llama-3-8B", 4096, 14336, 32, 1024, 128256)
 
 
-def site_buffer_elements(n: int, k: int, j: int) -> int:
+def site_buffer_elements(n: int, k: int, j: int, compact: bool = False) -> int:
     """Elements of the per-site buffers: ``basis`` (``n x min(k, n - k)``), ``leak_vectors`` (``n x j``) and
-    ``leak_values`` (``j``)."""
+    ``leak_values`` (``j``). ``compact`` (``compact_bases=True``): ``N`` (``n x k``) holds the leak vectors as
+    columns whenever ``k - j <= n - k``."""
+    if compact and k - j <= n - k:
+        return n * k + j
     return n * min(k, n - k) + n * j + j
 
 
@@ -94,22 +98,26 @@ Fractions = Callable[[float, str], tuple[float, float]]
 
 
 def model_memory(shape: LlamaShape, r: int, fractions: Fractions) -> dict[str, float]:
-    """Bytes of the base weights (bf16), of LoRA's training state and of GuardSpace's extra buffers."""
-    guard = lora = 0
+    """Bytes of the base weights (bf16), of LoRA's training state and of GuardSpace's extra buffers (default and
+    ``compact_bases=True``)."""
+    guard = lora = compact = 0
     for layer in range(shape.layers):
         depth = layer / max(shape.layers - 1, 1)
         widths: dict[str, int] = {}
         for _, site, m, n in shape.modules():
             widths[site] = n
             guard += module_buffer_elements(m, n, r)
+            compact += module_buffer_elements(m, n, r)
             lora += lora_parameters(m, n, r)
         for site, n in widths.items():
-            k_frac, j_frac = fractions(depth, site)
-            guard += site_buffer_elements(n, round(k_frac * n), round(j_frac * n))
+            k, j = (round(fraction * n) for fraction in fractions(depth, site))
+            guard += site_buffer_elements(n, k, j)
+            compact += site_buffer_elements(n, k, j, compact=True)
     return {
         "base": shape.base_parameters() * BASE_BYTES,
         "lora_training": lora * TRAIN_BYTES,
         "guard_buffers": guard * GUARD_BYTES,
+        "compact_buffers": compact * GUARD_BYTES,
     }
 
 
@@ -133,12 +141,14 @@ def predicted_guard_bytes(peft_model: torch.nn.Module, adapter_name: str = "defa
         layer = modules[name]
         total += module_buffer_elements(layer.out_features, layer.in_features, layer.r[adapter_name])
         sites[config.null_space_sites[name]] = (layer.in_features, k, config.near_null_dims[name])
-    total += sum(site_buffer_elements(*site) for site in sites.values())
+    total += sum(site_buffer_elements(*site, compact=config.compact_bases) for site in sites.values())
     return total * GUARD_BYTES
 
 
-def validate(thresholds: tuple[float | str, ...] = ("auto", 1e-6, 1e-3, 1e-2)) -> list[tuple[str, int, int]]:
-    """``(threshold, predicted, allocated)`` bytes on a small random Llama (hidden 96, MLP 256, GQA, 2 layers)."""
+def validate(
+    thresholds: tuple[float | str, ...] = ("auto", 1e-6, 1e-3, 1e-2), compact: tuple[bool, ...] = (False, True)
+) -> list[tuple[str, int, int]]:
+    """``(setting, predicted, allocated)`` bytes on a small random Llama (hidden 96, MLP 256, GQA, 2 layers)."""
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -155,16 +165,21 @@ def validate(thresholds: tuple[float | str, ...] = ("auto", 1e-6, 1e-3, 1e-2)) -
         vocab_size=len(tokenizer), hidden_size=96, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
     )  # fmt: skip
+    torch.manual_seed(0)
+    statistics = collect_safety_statistics(
+        LlamaForCausalLM(config).eval(), tokenizer, prompts, LLAMA_TARGETS, show_progress=False
+    )
     rows = []
     for threshold in thresholds:
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(config).eval()
-        statistics = collect_safety_statistics(model, tokenizer, prompts, LLAMA_TARGETS, show_progress=False)
-        guard = GuardSpaceConfig(
-            r=4, target_modules=LLAMA_TARGETS, safety_statistics=statistics, null_space_threshold=threshold
-        )
-        peft_model = get_peft_model(model, guard)
-        rows.append((str(threshold), predicted_guard_bytes(peft_model), allocated_guard_bytes(peft_model)))
+        for compact_bases in compact:
+            torch.manual_seed(0)
+            guard = GuardSpaceConfig(
+                r=4, target_modules=LLAMA_TARGETS, safety_statistics=statistics, null_space_threshold=threshold,
+                compact_bases=compact_bases,
+            )  # fmt: skip
+            peft_model = get_peft_model(LlamaForCausalLM(config).eval(), guard)
+            label = f"{threshold}{', compact' if compact_bases else ''}"
+            rows.append((label, predicted_guard_bytes(peft_model), allocated_guard_bytes(peft_model)))
     return rows
 
 
@@ -220,15 +235,15 @@ def _layer_index(site: str) -> int:
 
 
 def worst_case(_depth: float, _site: str) -> tuple[float, float]:
-    """``k = j = n / 2``: the largest ``min(k, n - k) + j`` a site can hold is ``n``, reached from ``k = n / 2``."""
+    """``k = j = n / 2``: the default storage's maximum, ``min(k, n - k) + j = n`` columns per site."""
     return 0.5, 0.5
 
 
 def _row(shape: LlamaShape, label: str, memory: dict[str, float]) -> str:
-    base, lora, guard = memory["base"], memory["lora_training"], memory["guard_buffers"]
+    base, lora, guard, compact = (memory[key] for key in ("base", "lora_training", "guard_buffers", "compact_buffers"))
     return (
-        f"| {shape.name} | {label} | {base / GIB:.2f} | {lora / GIB:.2f} | {guard / GIB:.2f} | "
-        f"{100 * guard / base:.1f} % | {guard / lora:.1f} |"
+        f"| {shape.name} | {label} | {base / GIB:.2f} | {lora / GIB:.2f} | {guard / GIB:.2f} "
+        f"({100 * guard / base:.1f} %) | {compact / GIB:.2f} ({100 * compact / base:.1f} %) |"
     )
 
 
@@ -251,10 +266,10 @@ def main(argv: list[str] | None = None) -> None:
             summary = ", ".join(f"{site} {100 * sum(v) / len(v):.0f} %" for site, v in per_layer.items())
             print(f"mean k / n at threshold {threshold}: {summary}")
             scenarios.append((f"measured fractions, threshold {threshold}", fractions))
-    scenarios.append(("worst case (k = j = n/2)", worst_case))
+    scenarios.append(("half null, all leaking (k = j = n/2)", worst_case))
     print(
-        f"\n| model | null space | bf16 base GiB | LoRA r {args.r} training GiB | GuardSpace extra buffers GiB | "
-        "extra / base | extra / LoRA |\n|---|---|---|---|---|---|---|"
+        f"\n| model | null space | bf16 base GiB | LoRA r {args.r} training GiB | GuardSpace extra GiB (/ base) | "
+        "compact_bases=True GiB (/ base) |\n|---|---|---|---|---|---|"
     )
     for shape in (LLAMA_2_7B, LLAMA_3_8B):
         for label, fractions in scenarios:

@@ -70,6 +70,14 @@ class GuardSpaceConfig(LoraConfig):
             ``tr(dW C dW^T) / tr(W C W^T)`` (relative mean squared output change on the calibration inputs). When
             set, the part of the update on leaking directions is scaled down in every forward pass (and in merges
             and exports) so that the bound holds at every step, under any optimizer. ``None``: report only.
+        compact_bases (`bool`, defaults to `False`): read the leaking directions (eigenvalues above the rounding
+            floor, as with the paper's threshold on calibration sets with more tokens than features) from the
+            columns of the null-space basis ``N`` instead of storing them again, and store ``N`` (``n k`` floats)
+            whenever that is no more than the range basis ``R`` plus the leak vectors (``n (n - k + j)``). The
+            default stores the smaller of ``N`` and ``R`` plus a separate copy of the leak vectors:
+            ``n (min(k, n - k) + j)`` floats, up to ``n^2`` per site when every kept direction leaks, against at
+            most ``n k`` compact. The projector and the certificate are the same up to float32
+            rounding; only the storage differs (adapters saved with it need a peft-safety version that has it).
         damping_start (`float`, defaults to `0.01`): first damping factor ``d`` of ``C + d mean(diag C) I``;
             doubled until ``||C~ C~^-1 - I||_F < damping_tolerance``.
         damping_tolerance (`float`, defaults to `0.05`): see ``damping_start``.
@@ -107,6 +115,10 @@ class GuardSpaceConfig(LoraConfig):
     max_calibration_leakage: float | None = field(
         default=None,
         metadata={"help": "Bound on each layer's relative output change on calibration inputs (None: report only)."},
+    )
+    compact_bases: bool = field(
+        default=False,
+        metadata={"help": "Store the null basis N where directions leak, with the leak vectors as its columns."},
     )
     damping_start: float = field(default=0.01, metadata={"help": "First covariance damping factor."})
     damping_tolerance: float = field(
@@ -180,6 +192,8 @@ class GuardSpaceConfig(LoraConfig):
             raise ValueError(
                 f"`max_calibration_leakage` must be None or a number in [0, 1), got {self.max_calibration_leakage!r}."
             )
+        if not isinstance(self.compact_bases, bool):
+            raise ValueError(f"`compact_bases` must be True or False, got {self.compact_bases!r}.")
         if self.rank_allocation not in ("uniform", "null_dim"):
             raise ValueError(f"`rank_allocation` must be 'uniform' or 'null_dim', got {self.rank_allocation!r}.")
         if isinstance(self.safety_statistics, os.PathLike):

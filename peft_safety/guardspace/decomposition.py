@@ -176,6 +176,7 @@ def null_space_basis(
     threshold: float | str = "auto",
     min_exact_dim: int = 1,
     accumulation_dtype: torch.dtype = torch.float64,
+    compact: bool = False,
 ) -> ProjectorBasis:
     """Basis of the null space of ``C`` (``n x n``) and its leaking directions.
 
@@ -185,7 +186,9 @@ def null_space_basis(
 
     All eigenvalues are computed first (no vectors), then only the smaller of the null basis ``N`` (``k``
     vectors, if ``k <= n - k``) and the range basis ``R``, plus the near-null vectors when ``R`` is stored. The
-    basis is re-orthonormalised (QR) so that ``P`` is an exact orthogonal projector to float precision.
+    basis is re-orthonormalised (QR) so that ``P`` is an exact orthogonal projector to float precision. ``compact``:
+    the leak vectors are columns of ``N``, so ``N`` is stored whenever ``n k`` floats is no more than ``R`` plus the
+    leak vectors, ``n (n - k + j)``.
     """
     c = covariance.double()
     c = (c + c.T) / 2
@@ -200,7 +203,9 @@ def null_space_basis(
         relative = PAPER_THRESHOLD if threshold == "auto" else float(threshold)
         null_dim, rule = int((values <= relative * top).sum()), f"{relative:g}"
     exact_dim = min(exact_dim, null_dim)
-    kind, first, last = ("null", 0, null_dim - 1) if null_dim <= n - null_dim else ("range", null_dim, n - 1)
+    stored = exact_dim if compact else null_dim  # compact: the leak vectors come with N at no extra cost
+    store_null = stored <= n - null_dim
+    kind, first, last = ("null", 0, null_dim - 1) if store_null else ("range", null_dim, n - 1)
     if last < first:
         basis = torch.zeros(n, 0, dtype=c.dtype, device=c.device)
     else:

@@ -100,6 +100,7 @@ def prepare_injection(config: GuardSpaceConfig, model: nn.Module) -> None:
             config.null_space_threshold,
             min_exact_dim=rank,
             accumulation_dtype=statistics.covariance_sums[site].dtype,
+            compact=config.compact_bases,
         )
         for site, rank in site_ranks.items()
     }
@@ -209,8 +210,9 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
         inference_only = bool(config.inference_mode)  # is_trainable=False: fold at load, allocate no basis
         scaling = layer.scaling[adapter_name]
         state = GuardState(
-            layer.in_features, layer.out_features, r, null_dim, leak_dim, device, inference_only, scaling
-        )
+            layer.in_features, layer.out_features, r, null_dim, leak_dim, device, inference_only, scaling,
+            config.compact_bases,
+        )  # fmt: skip
         state.leakage_bound = config.max_calibration_leakage
         if not inference_only:
             _share_restored_basis(config, target_name, state)
@@ -230,9 +232,13 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
     )
     lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
     lora_A.data = a0.to(lora_A.dtype).contiguous()
-    state = GuardState(layer.in_features, layer.out_features, r, basis.null_dim, basis.leak_values.numel(), device)
+    state = GuardState(
+        layer.in_features, layer.out_features, r, basis.null_dim, basis.leak_values.numel(), device,
+        compact=config.compact_bases,
+    )  # fmt: skip
     state.basis = basis.basis.to(device)  # one tensor per site, shared by its modules
-    state.leak_vectors = basis.leak_vectors.to(device)
+    if "leak_vectors" in state._buffers:  # compact null basis: the leak vectors are its columns
+        state.leak_vectors = basis.leak_vectors.to(device)
     state.leak_values = basis.leak_values.to(device)
     if config.factor_scale == "bounded" or (config.factor_scale == "auto" and basis.rule == "exact"):
         state.input_scale = bounded_input_scale(state.project(lora_A.float())).to(device)
@@ -265,8 +271,9 @@ def _share_restored_basis(config: GuardSpaceConfig, target_name: str, state: Gua
     shared = getattr(config, "_guardspace_restored_bases", None)
     if site is None or shared is None:
         return
-    tensors = shared.setdefault(site, {name: getattr(state, name) for name in SITE_BUFFERS})
-    for name in SITE_BUFFERS:
+    names = [name for name in SITE_BUFFERS if name in state._buffers]  # compact: no separate leak vectors
+    tensors = shared.setdefault(site, {name: getattr(state, name) for name in names})
+    for name in names:
         tensor, own = tensors[name], getattr(state, name)
         if tensor.shape == own.shape and tensor.device == own.device:
             setattr(state, name, tensor)

@@ -50,6 +50,12 @@ INFERENCE_ONLY_MESSAGE = (
 )
 
 
+def leak_columns(basis: torch.Tensor, leak_dim: int) -> torch.Tensor:
+    """The ``(n, leak_dim)`` leaking directions of a compact null basis ``N``: its last columns (eigenvalues
+    ascending, exact-null directions first)."""
+    return basis[:, basis.shape[1] - leak_dim :]
+
+
 def _leakage(
     trained_A: torch.Tensor,
     frozen_A: torch.Tensor,
@@ -98,13 +104,16 @@ class GuardState(nn.Module):
 
     Buffers:
         basis: ``(n, min(k, n - k))`` orthonormal basis; null basis ``N`` if ``k <= n - k`` else range basis ``R``.
+            With ``compact`` (``GuardSpaceConfig(compact_bases=True)``), ``N`` (``(n, k)``) whenever
+            ``k - j <= n - k``: the leak vectors are then its last ``j`` columns and are not stored again.
         input_scale: ``(r,)`` per-component factor ``g`` of the input side: the adapter uses ``A_eff = g * A``
             (row ``i`` of ``A`` times ``g_i``). It decouples how fast ``A`` turns (set by the size of the stored
             ``A``) from how fast the update grows (set by the size of ``A_eff``); ones for the paper's factors.
         frozen_A: ``(r, n)`` = ``A0_eff P``.
         frozen_B: ``(m, r)`` = ``B0``.
         singular_values: ``(r,)`` the preconditioned singular values the adapter was initialised from.
-        leak_vectors: ``(n, j)`` kept null directions with a nonzero eigenvalue (see ``ProjectorBasis``).
+        leak_vectors: ``(n, j)`` kept null directions with a nonzero eigenvalue (see ``ProjectorBasis``); not when
+            they are columns of a compact basis.
         leak_values: ``(j,)`` their eigenvalues ``lambda_j`` of the calibration covariance ``C``.
         output_energy: ``()`` ``tr(W C W^T)``, the mean squared output of the base layer on calibration inputs.
 
@@ -132,14 +141,17 @@ class GuardState(nn.Module):
         device=None,
         inference_only: bool = False,
         scaling: float = 1.0,
+        compact: bool = False,
     ) -> None:
         super().__init__()
         self.null_dim = null_dim
-        self.kind = "null" if null_dim <= in_features - null_dim else "range"
+        self.compact = compact
+        stored = null_dim - leak_dim if compact else null_dim  # the rule of null_space_basis
+        self.kind = "null" if stored <= in_features - null_dim else "range"
         self.leakage_bound: float | None = None
         self.inference_only = inference_only
         self.scaling = scaling  # the layer's LoRA scaling, needed to fold an inference-only adapter at load time
-        width = min(null_dim, in_features - null_dim)
+        width = null_dim if self.kind == "null" else in_features - null_dim
         # NaN until filled by the initialiser or a checkpoint: a forward with unfilled buffers fails loudly.
         nan = dict(dtype=torch.float32, device=device)
         if inference_only:  # no projector basis: the trained input side is folded at load time (see class docstring)
@@ -151,10 +163,21 @@ class GuardState(nn.Module):
         self.register_buffer("frozen_A", torch.full((r, in_features), float("nan"), **nan))
         self.register_buffer("frozen_B", torch.full((out_features, r), float("nan"), **nan))
         self.register_buffer("singular_values", torch.full((r,), float("nan"), **nan))
-        if not inference_only:
+        if not (inference_only or self.leak_in_basis):
             self.register_buffer("leak_vectors", torch.full((in_features, leak_dim), float("nan"), **nan))
         self.register_buffer("leak_values", torch.full((leak_dim,), float("nan"), **nan))
         self.register_buffer("output_energy", torch.tensor(float("nan"), **nan))
+
+    @property
+    def leak_in_basis(self) -> bool:
+        """Whether the leak vectors are the last columns of the (compact, null) basis rather than a buffer."""
+        return self.compact and self.kind == "null"
+
+    def leak_directions(self) -> torch.Tensor:
+        """``(n, j)`` the leaking null directions: ``leak_vectors``, or the last ``j`` columns of a compact basis."""
+        if self.leak_in_basis:
+            return leak_columns(self.basis, self.leak_values.numel())
+        return self.leak_vectors
 
     def project(self, lora_A: torch.Tensor) -> torch.Tensor:
         """``lora_A @ P`` (``(r, n)``)."""
@@ -177,7 +200,7 @@ class GuardState(nn.Module):
         """
         if self.inference_only:
             return self.folded_leakage.float()
-        return _leakage(trained_A, frozen_A, lora_B, self.frozen_B, self.leak_vectors, self.leak_values, scaling)
+        return _leakage(trained_A, frozen_A, lora_B, self.frozen_B, self.leak_directions(), self.leak_values, scaling)
 
     def input_factors(
         self, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
@@ -196,7 +219,7 @@ class GuardState(nn.Module):
             return self.folded_A.float(), self.frozen_A.float()
         trained_A, frozen_A = self.effective_A(lora_A), self.frozen_A.float()
         return _bounded(
-            trained_A, frozen_A, lora_B, self.frozen_B, self.leak_vectors, self.leak_values, self.output_energy,
+            trained_A, frozen_A, lora_B, self.frozen_B, self.leak_directions(), self.leak_values, self.output_energy,
             self.leakage_bound, scaling,
         )  # fmt: skip
 
@@ -233,11 +256,12 @@ class GuardState(nn.Module):
         trained_A = project_rows(get("lora_A").float(), get("basis").float(), self.kind)
         trained_A = trained_A * input_scale.float().unsqueeze(1)
         frozen_A, lora_B, frozen_B = get("frozen_A").float(), get("lora_B").float(), get("frozen_B")
-        if get("leak_vectors") is None:  # saved by peft-safety 0.1: no certificate
+        values = get("leak_values")
+        if values is None:  # saved by peft-safety 0.1: no certificate
             self.folded_A.copy_(trained_A)
             self.folded_leakage.fill_(float("nan"))
             return frozen_A
-        vectors, values = get("leak_vectors"), get("leak_values")
+        vectors = leak_columns(get("basis"), values.numel()) if self.leak_in_basis else get("leak_vectors")
         trained_A, frozen_A = _bounded(
             trained_A, frozen_A, lora_B, frozen_B, vectors, values, get("output_energy"), self.leakage_bound,
             self.scaling,
