@@ -19,6 +19,7 @@ two AdamW moments, 16 bytes per parameter.
 
     python benchmarks/memory_model.py --validate
     python benchmarks/memory_model.py --statistics stats.safetensors
+    python benchmarks/memory_model.py --compact-drift    # the guarantee stress test with compact_bases
 """
 
 from __future__ import annotations
@@ -239,6 +240,37 @@ def worst_case(_depth: float, _site: str) -> tuple[float, float]:
     return 0.5, 0.5
 
 
+COMPACT_SETTINGS = {
+    "defaults": {},
+    "defaults, compact_bases": {"compact_bases": True},
+    "max_calibration_leakage 1e-6": {"max_calibration_leakage": 1e-6},
+    "max_calibration_leakage 1e-6, compact_bases": {"max_calibration_leakage": 1e-6, "compact_bases": True},
+}
+
+
+def compact_drift(advbench: str | None = None) -> list[str]:
+    """Markdown rows: calibration drift, benign change and certificate with and without ``compact_bases`` in the
+    whole-model stress setting without an exact null space (``benchmarks/bench_guarantee.py``, 64 prompts)."""
+    try:
+        from benchmarks.bench_guarantee import BENIGN, run
+        from benchmarks.common import build_tokenizer, load_harmful_prompts
+    except ImportError:  # run as a script from the benchmarks folder
+        from bench_guarantee import BENIGN, run
+        from common import build_tokenizer, load_harmful_prompts
+
+    torch.set_num_threads(1)
+    prompts, _ = load_harmful_prompts(64, advbench)
+    tokenizer = build_tokenizer(prompts + BENIGN, vocab_size=512)
+    rows = []
+    for arch in ("llama", "gpt2"):
+        for label, options in COMPACT_SETTINGS.items():
+            row = run(arch, options, tokenizer, prompts, "64 prompts (no exact null space)")
+            rows.append(
+                f"| {arch} | {label} | {row['calibration']:.3e} | {row['benign']:.3f} | {row['certificate']:.3e} |"
+            )
+    return rows
+
+
 def _row(shape: LlamaShape, label: str, memory: dict[str, float]) -> str:
     base, lora, guard, compact = (memory[key] for key in ("base", "lora_training", "guard_buffers", "compact_buffers"))
     return (
@@ -252,7 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--statistics", help="safety statistics file to take null-space fractions from")
     parser.add_argument("--validate", action="store_true", help="check the formula against allocated bytes")
+    parser.add_argument("--compact-drift", action="store_true", help="stress-test drift with compact_bases")
+    parser.add_argument("--advbench", help="AdvBench CSV (column goal) for --compact-drift")
     args = parser.parse_args(argv)
+    if args.compact_drift:
+        print("| model | GuardSpace | calibration drift | benign change | certificate |\n|---|---|---|---|---|")
+        print("\n".join(compact_drift(args.advbench)))
     if args.validate:
         print("| threshold | predicted bytes | allocated bytes |\n|---|---|---|")
         for threshold, predicted, allocated in validate():
