@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from peft_safety import GuardSpaceConfig, collect_safety_statistics, export_to_lora, guardspace_report
 
 TEXTS = BENIGN_TEXTS + HARMFUL_PROMPTS
-# the same float32 operations run in both loads, on tensors at other addresses: CPU GEMM kernels may then round
-# differently. The factors agree to ~1e-8; under the leakage bound the paper's large factors amplify that to ~5e-5
-# in the logits (measured). The certificate check below catches a lost bound, the exact setting a lost projection.
-ATOL = 1e-4
+# the fold runs the trainable forward's float32 operations once, on fresh copies of the checkpoint's tensors: the
+# results are bit-identical (on the file's unaligned memory-mapped tensors CPU GEMM kernels rounded differently,
+# ~5e-5 in the logits under the leakage bound)
+ATOL = 0.0
 # "auto": exact null spaces, nothing leaks; 1e-2: near-null directions leak, and the bound scales them down
 SETTINGS = {"exact": {}, "bounded leakage": {"null_space_threshold": 1e-2, "max_calibration_leakage": 1e-9}}
 

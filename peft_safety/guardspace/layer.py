@@ -251,7 +251,8 @@ class GuardState(nn.Module):
         same float32 operations as a trainable adapter's forward pass, done once.
         """
         device = self.folded_A.device
-        get = {name: value.to(device) for name, value in tensors.items()}.get
+        # fresh (aligned) copies: CPU GEMM kernels may round differently on the file's unaligned memory-mapped tensors
+        get = {name: value.to(device, copy=True) for name, value in tensors.items()}.get
         input_scale = get("input_scale", torch.ones(self.folded_A.shape[0], device=device))
         trained_A = project_rows(get("lora_A").float(), get("basis").float(), self.kind)
         trained_A = trained_A * input_scale.float().unsqueeze(1)
