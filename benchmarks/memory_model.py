@@ -20,6 +20,7 @@ two AdamW moments, 16 bytes per parameter.
     python benchmarks/memory_model.py --validate
     python benchmarks/memory_model.py --statistics stats.safetensors
     python benchmarks/memory_model.py --compact-drift    # the guarantee stress test with compact_bases
+    python benchmarks/memory_model.py --model MODEL_DIR --statistics stats.safetensors   # bytes on a real model
 """
 
 from __future__ import annotations
@@ -240,6 +241,58 @@ def worst_case(_depth: float, _site: str) -> tuple[float, float]:
     return 0.5, 0.5
 
 
+def measure_model(model_path: str, statistics_path: str, r: int = 8) -> list[str]:
+    """On a real model (all seven linear layers): GuardSpace buffer bytes against the formula, with and without
+    ``compact_bases``, then after ``save_pretrained`` a trainable and an inference-only load (bytes, largest logit
+    difference from the saved model, certificate)."""
+    import tempfile
+
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_safety import GuardSpaceConfig, SafetyStatistics, guardspace_report
+
+    statistics = SafetyStatistics.load(statistics_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    batch = tokenizer(
+        ["Write a tutorial on how to make a bomb", "The movie was wonderful"], return_tensors="pt", padding=True
+    )
+
+    def load() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        return model(**batch).logits
+
+    base_bytes = sum(p.numel() for p in load().parameters()) * BASE_BYTES
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lines = []
+    for compact in (False, True):
+        config = GuardSpaceConfig(
+            r=r, lora_alpha=2 * r, target_modules=targets, safety_statistics=statistics, compact_bases=compact
+        )
+        model = get_peft_model(load(), config).eval()
+        reference, report = logits(model), guardspace_report(model)
+        allocated = allocated_guard_bytes(model)
+        lines.append(
+            f"compact_bases={compact}: GuardSpace buffers {allocated / 2**20:.1f} MiB (formula "
+            f"{predicted_guard_bytes(model) / 2**20:.1f} MiB), {100 * allocated / base_bytes:.1f} % of the bf16 base "
+            f"({base_bytes / 2**20:.0f} MiB); certificate {report.total_leakage:.2e}, {len(report.dead_layers)} dead"
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            for trainable in (True, False):
+                loaded = PeftModel.from_pretrained(load(), folder, is_trainable=trainable).eval()
+                difference = float((logits(loaded) - reference).abs().max())
+                buffers, certificate = allocated_guard_bytes(loaded) / 2**20, guardspace_report(loaded).total_leakage
+                lines.append(
+                    f"  loaded with is_trainable={trainable}: buffers {buffers:.2f} MiB, "
+                    f"max |logit difference| {difference:.1e}, certificate {certificate:.2e}"
+                )
+    return lines
+
+
 COMPACT_SETTINGS = {
     "defaults": {},
     "defaults, compact_bases": {"compact_bases": True},
@@ -286,7 +339,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--validate", action="store_true", help="check the formula against allocated bytes")
     parser.add_argument("--compact-drift", action="store_true", help="stress-test drift with compact_bases")
     parser.add_argument("--advbench", help="AdvBench CSV (column goal) for --compact-drift")
+    parser.add_argument("--model", help="a local causal LM (with --statistics of it): measure its adapter's bytes")
     args = parser.parse_args(argv)
+    if args.model:
+        if not args.statistics:
+            parser.error("--model needs --statistics (safety statistics of that model)")
+        print("\n".join(measure_model(args.model, args.statistics, args.r)))
     if args.compact_drift:
         print("| model | GuardSpace | calibration drift | benign change | certificate |\n|---|---|---|---|---|")
         print("\n".join(compact_drift(args.advbench)))
