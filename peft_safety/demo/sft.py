@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,12 +50,15 @@ def supervised_fine_tune(
     seed: int = 0,
     warmup: int = 2,
     desc: str = "fine-tune",
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainingLog:
     """Train ``model``'s trainable parameters (e.g. a ``PeftModel``'s adapter) on ``pairs``.
 
     ``steps`` AdamW steps (no weight decay) of ``batch_size`` pairs each, drawn in a seeded order that walks the
     whole set before repeating; gradient norm clipped to 1; linear warm-up over ``warmup`` steps then cosine decay
     to 0. Prompts go through the tokenizer's chat template when it has one; the loss covers the response + EOS.
+    ``on_step(step)``, if given, runs after every step (``step`` counts from 1), e.g. to measure the model along
+    the run; it must leave the parameters and the global random state alone.
     """
     if not pairs:
         raise ValueError("No training pairs.")
@@ -85,5 +88,7 @@ def supervised_fine_tune(
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         progress.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step is not None:
+            on_step(step + 1)
     model.eval()
     return TrainingLog(steps, batch_size, learning_rate, losses[0], losses[-1])
