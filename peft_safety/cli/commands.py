@@ -353,3 +353,17 @@ def cmd_report(args: argparse.Namespace) -> None:
 
         plot_null_space(report, args.plot)
         _print(f"Plot in {args.plot}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from ..demo import DemoSettings, run_demo
+
+    settings = DemoSettings(poison_fraction=args.poison_fraction, steps=args.steps)
+    if args.model is not None:
+        _check_model_dir(args.model)
+    _output_dir(args.output_dir, "--output-dir")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    run_demo(args.output_dir, args.cache_dir, settings, model=args.model)

