@@ -3,9 +3,10 @@
 Per layer shape ``(m, n)`` (out x in) it times the three steps of the init, on a random weight and the covariance
 of ``tokens`` random activations (rank-deficient when ``tokens < n``, as with real calibration sets):
 
-* ``damp``: ``C~ = C + d mean(diag C) I`` and its inverse (doubling rule; one inverse per try);
-* ``svd``: the preconditioned SVD ``W C~`` and the ``r`` smallest components (``smallest_component_init``);
-* ``eigh``: the null-space basis of ``C`` (``null_space_basis``).
+* ``damp``: ``C~ = C + d mean(diag C) I`` and its Cholesky factor (doubling rule, ``damp_covariance_factored``);
+* ``svd``: the product ``W C~`` and its ``r`` smallest singular triplets (``smallest_component_init``, partial
+  method);
+* ``eigh``: the null-space basis of ``C`` (``null_space_basis``, one full eigen-decomposition).
 
 ``damp`` and ``eigh`` are per input site (shared by q/k/v or gate/up), ``svd`` per module. Each shape runs in its
 own subprocess so that the peak resident memory (``ru_maxrss``, CPU) or ``max_memory_allocated`` (CUDA) is its own.
@@ -40,7 +41,11 @@ def _rss_mib() -> float:
 
 
 def run_one(m: int, n: int, tokens: int, r: int, device: str) -> dict:
-    from peft_safety.guardspace.decomposition import damp_covariance, null_space_basis, smallest_component_init
+    from peft_safety.guardspace.decomposition import (
+        damp_covariance_factored,
+        null_space_basis,
+        smallest_component_init,
+    )
 
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
@@ -54,11 +59,11 @@ def run_one(m: int, n: int, tokens: int, r: int, device: str) -> dict:
     timings = {}
     _sync(device)
     start = time.perf_counter()
-    damped, inverse, damping = damp_covariance(covariance)
+    damped = damp_covariance_factored(covariance)
     _sync(device)
     timings["damp_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    smallest_component_init(weight, damped, inverse, r, 2.0)
+    smallest_component_init(weight, damped.damped, damped.solve_rows, r, 2.0)
     _sync(device)
     timings["svd_s"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -74,7 +79,7 @@ def run_one(m: int, n: int, tokens: int, r: int, device: str) -> dict:
         r=r,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         threads=torch.get_num_threads(),
-        damping=damping,
+        damping=damped.damping,
         null_dim=basis.null_dim,
         total_s=sum(timings.values()),
         **timings,

@@ -5,13 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peft_safety.guardspace import decomposition
 from peft_safety.guardspace.decomposition import (
+    PARTIAL_SVD_MIN_RATIO,
     bounded_input_scale,
     calibration_error_bound,
     damp_covariance,
+    damp_covariance_factored,
     null_space_basis,
+    output_energy,
+    output_energy_from_product,
     project_rows,
     smallest_component_init,
+    smallest_singular_triplets,
 )
 
 
@@ -213,3 +219,55 @@ def test_bounded_input_scale_gives_lora_row_norms():
     norms = (rows * scale.unsqueeze(1)).norm(dim=1)
     torch.testing.assert_close(norms[[0, 2]], torch.full((2,), 3**-0.5))
     assert scale[1] == 1.0  # a row with nothing in the null space keeps g = 1
+
+
+@pytest.mark.parametrize("tolerance", [0.05, 1e-9])
+def test_factored_damping_matches_the_explicit_rule(tolerance):
+    """The Cholesky-factored damping picks the explicit rule's ``d`` and applies the same ``C~^{-1}``."""
+    c = covariance_of(low_rank_inputs(20, 48) * torch.logspace(0, 3, 48).double())
+    damped, inverse, d = damp_covariance(c, tolerance=tolerance)
+    factored = damp_covariance_factored(c, tolerance=tolerance)
+    assert factored.damping == d
+    assert factored.shift == pytest.approx(d * float(torch.diagonal(c).mean()))
+    torch.testing.assert_close(factored.damped, damped)
+    rows = torch.randn(5, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(factored.solve_rows(rows), rows @ inverse, rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match="Could not damp the covariance of site 'x'"):
+        damp_covariance_factored(c, tolerance=1e-30, max_doublings=3, site="site 'x'")
+    with pytest.raises(ValueError, match="diagonal mean is 0 .*no scale to damp"):
+        damp_covariance_factored(torch.zeros(4, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(240, 320), (320, 240), (256, 256)])
+def test_partial_smallest_triplets_match_the_full_svd(shape, monkeypatch):
+    """The partial method (QR, inverse subspace iteration, Rayleigh-Ritz) gives the full SVD's r smallest triplets
+    on an ill-conditioned preconditioned product ``W C~`` (rank-deficient ``C``)."""
+    m, n = shape
+    r = 8
+    assert min(m, n) >= PARTIAL_SVD_MIN_RATIO * (2 * r + 8)
+
+    def no_fallback(matrix, r):
+        raise AssertionError("the partial method fell back to the full SVD")
+
+    monkeypatch.setattr(decomposition, "_full_smallest_triplets", no_fallback)
+    weight = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    damped, _, _ = damp_covariance(covariance_of(low_rank_inputs(n // 3, n)))
+    product = weight @ damped
+    u, s, vh = torch.linalg.svd(product, full_matrices=False)
+    u_r, s_r, vh_r = smallest_singular_triplets(product, r)
+    assert u_r.shape == (m, r) and s_r.shape == (r,) and vh_r.shape == (r, n)
+    torch.testing.assert_close(s_r, s[-r:], rtol=1e-10, atol=0)
+    torch.testing.assert_close(product @ vh_r.T, u_r * s_r, rtol=0, atol=1e-12 * float(s[0]))
+    torch.testing.assert_close(vh_r @ vh_r.T, torch.eye(r, dtype=torch.float64), rtol=0, atol=1e-12)
+    # same subspaces, hence the same adapter product U_r U_r^T W
+    torch.testing.assert_close(u_r @ u_r.T @ weight, u[:, -r:] @ u[:, -r:].T @ weight, rtol=0, atol=1e-8)
+
+
+def test_output_energy_from_the_damped_product():
+    c = covariance_of(low_rank_inputs(10, 32))
+    weight = torch.randn(24, 32)
+    factored = damp_covariance_factored(c)
+    product = weight.double() @ factored.damped
+    torch.testing.assert_close(
+        output_energy_from_product(weight, product, factored.shift), output_energy(weight, c), rtol=1e-12, atol=0
+    )

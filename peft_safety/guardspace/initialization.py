@@ -25,11 +25,12 @@ from ..distributed import full_weight
 from ..statistics import SafetyStatistics
 from .config import GuardSpaceConfig
 from .decomposition import (
+    DampedCovariance,
     ProjectorBasis,
     bounded_input_scale,
-    damp_covariance,
+    damp_covariance_factored,
     null_space_basis,
-    output_energy,
+    output_energy_from_product,
     smallest_component_init,
 )
 from .layer import GuardState
@@ -44,19 +45,17 @@ class InitSession:
     statistics: SafetyStatistics
     bases: dict[str, ProjectorBasis]  # site -> projector basis, shared by the modules of the site
     damped_site: str | None = None  # most recent site's damped covariance (q/k/v are created in a row)
-    damped: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    damped: DampedCovariance | None = None
     initialised: list[str] = field(default_factory=list)
 
-    def damped_covariance(
-        self, site: str, config: GuardSpaceConfig
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(C, C~, C~^-1)`` of ``site`` in float64, ``C = S / T``."""
+    def damped_covariance(self, site: str, config: GuardSpaceConfig) -> DampedCovariance:
+        """``C~`` of ``site`` with its Cholesky factor, in float64 (``C = S / T``)."""
         if self.damped_site != site:
             covariance = self.statistics.covariance_sums[site].double() / self.statistics.num_tokens
-            damped, inverse, _ = damp_covariance(
+            damped = damp_covariance_factored(
                 covariance, config.damping_start, config.damping_tolerance, site=f"site '{site}'"
             )
-            self.damped_site, self.damped = site, (covariance, damped, inverse)
+            self.damped_site, self.damped = site, damped
         return self.damped
 
 
@@ -220,15 +219,17 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
         return
     site = session.statistics.site_of[target_name]
     basis = session.bases[site]
-    covariance, damped, inverse = session.damped_covariance(site, config)
     weight = _float_weight(layer)
+    damped = session.damped_covariance(site, config).to(weight.device)
+    product = weight.double() @ damped.damped  # M = W C~, shared by the SVD and the output energy
     b0, a0, singular_values = smallest_component_init(
         weight,
-        damped.to(weight.device),
-        inverse.to(weight.device),
+        damped.damped,
+        damped.solve_rows,
         r,
         layer.scaling[adapter_name],
         balance=config.factor_scale == "balanced",
+        product=product,
     )
     lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
     lora_A.data = a0.to(lora_A.dtype).contiguous()
@@ -248,7 +249,7 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
     state.frozen_A = state.effective_A(lora_A)
     state.frozen_B = lora_B.float().clone()
     state.singular_values = singular_values.to(device)
-    state.output_energy = output_energy(weight, covariance.to(weight.device)).float().to(device)
+    state.output_energy = output_energy_from_product(weight, product, damped.shift).float().to(device)
     state.leakage_bound = config.max_calibration_leakage
     layer.lora_guard[adapter_name] = state
     config.null_space_dims[target_name] = basis.null_dim
