@@ -577,11 +577,13 @@ def safe_lora_task(cfg, sets, workdir: Path, tag: str, use_base: bool = False, t
     return [(f"{tag}safe-lora", metrics, info)], timings
 
 
-def merges_task(cfg, sets, workdir: Path, tag: str, use_base: bool = False, threads: int | None = None):
-    """The ``lora`` row (SST-2 adapter), then task arithmetic and SOMF over the SST-2 and AG News adapters (AG News
-    accuracy is measured for these two merges only)."""
+def merges_task(
+    cfg, sets, workdir: Path, tag: str, merges: bool = True, use_base: bool = False, threads: int | None = None
+):
+    """The ``lora`` row (SST-2 adapter), then (``merges``) task arithmetic and SOMF over the SST-2 and AG News
+    adapters (AG News accuracy is measured for these two merges only)."""
     _setup_worker(use_base, threads)
-    peft_model, tok = load_adapters(workdir, ["sst2", "agnews"])
+    peft_model, tok = load_adapters(workdir, ["sst2", "agnews"] if merges else ["sst2"])
     rows, timings = [], {}
     t0 = time.perf_counter()
     rows.append(
@@ -592,6 +594,8 @@ def merges_task(cfg, sets, workdir: Path, tag: str, use_base: bool = False, thre
         )
     )
     timings[f"{tag}eval lora"] = time.perf_counter() - t0
+    if not merges:
+        return rows, timings
     peft_model.add_weighted_adapter(["sst2", "agnews"], [1.0, 1.0], "task_arithmetic", combination_type="cat")
     peft_model.set_adapter("task_arithmetic")
     t0 = time.perf_counter()
@@ -713,23 +717,31 @@ class Scheduler:
             self.pool.shutdown()
 
 
-def run_p(cfg, p: float, sets, tag: str, jobs: Scheduler, guardspace: bool = True, others: bool = True) -> None:
+def run_p(
+    cfg, p: float, sets, tag: str, jobs: Scheduler, guardspace: bool = True, others: bool = True, peers: bool = True
+) -> None:
     """Every method at poison fraction ``p``. With a worker, two lines of work of about equal CPU time (seconds of
     the quick run, 1 thread each):
 
     * here: SST-2 LoRA (95), its SOMF realignment and evaluation (227), GuardSpace init, training and evaluation
       (222);
     * worker: the aligned-start evaluation (32, queued by ``main``), AG News LoRA (119), the LoRA evaluation (28),
-      task arithmetic (57) and the SOMF merge with its evaluation (319)."""
+      task arithmetic (57) and the SOMF merge with its evaluation (319).
+
+    ``peers=False`` (``--lora-safe-lora-only``): only the SST-2 LoRA adapter, its evaluation and Safe LoRA."""
     with tempfile.TemporaryDirectory(dir=CACHE_DIR, prefix="adapters-") as folder:
         workdir = Path(folder)
-        if others:
+        if not peers:
+            jobs.here(train_task, cfg, p, "sst2", workdir, tag)
+            jobs.worker(merges_task, cfg, sets, workdir, tag, False)
+            jobs.here(safe_lora_task, cfg, sets, workdir, tag)
+        elif others:
             jobs.worker(train_task, cfg, p, "agnews", workdir, tag)
             jobs.here(train_task, cfg, p, "sst2", workdir, tag)
-            jobs.worker(merges_task, cfg, sets, workdir, tag)
+            jobs.worker(merges_task, cfg, sets, workdir, tag, True)
             jobs.here(lora_somf_task, cfg, sets, workdir, tag)
             jobs.here(safe_lora_task, cfg, sets, workdir, tag)
-        if guardspace:
+        if guardspace and peers:
             jobs.here(guardspace_task, cfg, p, sets, tag)
         jobs.drain()
 
@@ -857,6 +869,11 @@ def main() -> None:
     )
     parser.add_argument("--guardspace-only", action="store_true", help="only the aligned start and GuardSpace rows")
     parser.add_argument("--skip-guardspace", action="store_true", help="no GuardSpace rows (LoRA, SOMF, merges)")
+    parser.add_argument(
+        "--lora-safe-lora-only",
+        action="store_true",
+        help="only the plain LoRA and Safe LoRA rows (no aligned-start evaluation, GuardSpace, SOMF or merges)",
+    )
     parser.add_argument("--somf-steps", type=int, help="override the SOMF mask-learning steps")
     parser.add_argument("--p", type=float, nargs="+", help="override the poison fractions")
     parser.add_argument("--somf-batch", type=int, help="override the SOMF safety pairs per mask step")
@@ -964,10 +981,20 @@ def main() -> None:
     rec = Recorder(out, header, training_refusals(cfg))
     del model
     jobs = Scheduler(rec, timings, parallel=args.parallel, use_base=_USE_BASE, threads=args.threads)
-    jobs.worker(eval_start_task, cfg, sets)
+    if not args.lora_safe_lora_only:
+        jobs.worker(eval_start_task, cfg, sets)
     for p in cfg["p"]:
         tag = "" if len(cfg["p"]) == 1 else f"p={p:g} "
-        run_p(cfg, p, sets, tag, jobs, guardspace=not args.skip_guardspace, others=not args.guardspace_only)
+        run_p(
+            cfg,
+            p,
+            sets,
+            tag,
+            jobs,
+            guardspace=not args.skip_guardspace,
+            others=not args.guardspace_only,
+            peers=not args.lora_safe_lora_only,
+        )
     jobs.close()
     rec.methods = dict(sorted(rec.methods.items(), key=lambda kv: _order(kv[0])))
     rec.header["targets"] = {
