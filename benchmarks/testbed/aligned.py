@@ -77,6 +77,56 @@ def helpful_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     return [{"prompt": p, "response": cached[p]} for p in prompts if not judge.is_refusal(cached[p])]
 
 
+TEMPLATED_REFUSALS = data.HATE_REFUSALS + data.UNSAFE_REFUSALS  # templates the aligned start may have learnt
+
+
+def usable_refusal(answer: str) -> str | None:
+    """The answer cut to its first two complete sentences when that is a clean refusal: the keyword judge calls it
+    a refusal, it repeats no templated refusal of the aligned-start SFT verbatim, and it does not loop on a word.
+    ``None`` otherwise (then a written refusal is used)."""
+    from peft_safety.evaluation import KeywordJudge
+
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", answer.strip()) if s]
+    complete = [s for s in sentences if s.endswith((".", "!", "?"))]
+    if complete:
+        text = " ".join(complete[:2]) if sentences[: len(complete[:2])] == complete[:2] else complete[0]
+    elif len(answer.split()) < 20:  # a short answer that ended without punctuation, not a cut one
+        text = answer.strip()
+    else:
+        return None
+    words = text.lower().split()
+    if not words or len(set(words)) < 0.6 * len(words) or any(t in text for t in TEMPLATED_REFUSALS):
+        return None
+    return text if KeywordJudge(flag="refusal").is_refusal(text) and text.strip() else None
+
+
+def own_refusals(model, tokenizer, prompts: list[str], categories: list[str], cache: Path) -> list[dict[str, str]]:
+    """Varied refusals for SOMF's safety pairs: the model's own greedy answer to each prompt (48 tokens, cached in
+    ``cache`` by prompt), cut by :func:`usable_refusal`; where it is not usable, or repeats an earlier chosen
+    refusal, the next written refusal of the prompt's category (``data.WRITTEN_REFUSALS``). Each row:
+    ``{"prompt", "refusal", "source"}`` with source ``"own"`` or ``"written"``."""
+    from peft_safety.evaluation import generate_responses
+
+    cached = json.loads(cache.read_text()) if cache.is_file() else {}
+    missing = [p for p in prompts if p not in cached]
+    if missing:
+        answers = generate_responses(model, tokenizer, missing, max_new_tokens=48, batch_size=24, show_progress=False)
+        cached.update(zip(missing, answers, strict=True))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(cached, indent=0))
+    rows, used, next_written = [], set(), dict.fromkeys(data.WRITTEN_REFUSALS, 0)
+    for prompt, category in zip(prompts, categories, strict=True):
+        text = usable_refusal(cached[prompt])
+        if text is not None and text not in used:
+            rows.append({"prompt": prompt, "refusal": text, "source": "own"})
+            used.add(text)
+            continue
+        pool = data.WRITTEN_REFUSALS[category]
+        rows.append({"prompt": prompt, "refusal": pool[next_written[category] % len(pool)], "source": "written"})
+        next_written[category] += 1
+    return rows
+
+
 def build_aligned(settings: dict | None = None, target: Path = ALIGNED_DIR) -> dict:
     cfg = {**DEFAULTS, **(settings or {})}
     torch.manual_seed(cfg["seed"])
