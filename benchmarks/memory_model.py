@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peft_safety.guardspace.decomposition import PAPER_THRESHOLD, eigenvalues, exact_null_floor
+from peft_safety.guardspace.decomposition import PAPER_THRESHOLD, exact_null_floor
 
 GUARD_BYTES = 4  # GuardState buffers are float32 whatever the model's dtype
 TRAIN_BYTES = 16  # float32 parameter + gradient + two AdamW moments
@@ -224,7 +224,8 @@ def site_eigenvalues(path: str) -> dict[str, torch.Tensor]:
     statistics = SafetyStatistics.load(path)
     sites = sorted(statistics.covariance_sums, key=_layer_index)
     return {
-        site: eigenvalues(_symmetric(statistics.covariance(statistics.modules_of_site(site)[0]))) for site in sites
+        site: torch.linalg.eigvalsh(_symmetric(statistics.covariance(statistics.modules_of_site(site)[0])).double())
+        for site in sites
     }
 
 

@@ -195,6 +195,11 @@ def _check_adapter(peft_model: nn.Module, adapter_name: str, output_adapter: str
         )
     if getattr(config, "lora_bias", False):
         raise ValueError(f"'{adapter_name}' has lora_bias=True; Safe LoRA supports LoRA adapters without bias.")
+    if "." in output_adapter or not output_adapter:
+        raise ValueError(
+            f"`output_adapter={output_adapter!r}` cannot name a PEFT adapter: adapter names become module names, "
+            "which must be non-empty and contain no '.'. Pick another name, e.g. 'safe_lora'."
+        )
     if output_adapter != adapter_name and output_adapter in configs:
         raise ValueError(
             f"`output_adapter='{output_adapter}'` already exists in the model: pick a new name, or delete it first "

@@ -259,6 +259,8 @@ def test_bad_inputs_raise_before_the_model_changes(models, tokenizer):
         (dict(budget=True), "`budget` must be a number of layers"),
         (dict(budget=2, threshold=0.3), "not both"),
         (dict(dtype=torch.float16), "`dtype`"),
+        (dict(output_adapter="safe_0.5"), "contain no '.'"),
+        (dict(output_adapter=""), "contain no '.'"),
         (dict(unaligned_model=make_gpt2(tokenizer)), "no layer 'model.layers.0.self_attn.q_proj'"),
         (dict(unaligned_model=other_shape), "Layer 'model.layers.0.mlp.down_proj' has shape"),
         (dict(aligned_model=other_shape), "in the aligned model"),

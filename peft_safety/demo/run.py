@@ -119,7 +119,8 @@ def prepare(cache: DemoCache, settings: DemoSettings) -> None:
     if not (cache.guardspace_init / "adapter_config.json").is_file():
         _say(
             f"Preparing (once): GuardSpace's safety statistics on {settings.calibration_prompts} harmful prompts and "
-            f"its initial adapter (a decomposition of every target layer), in {cache.guardspace_init} (~5 min on 2 CPU cores)"
+            f"its initial adapter (a decomposition of every target layer), in {cache.guardspace_init} "
+            "(~5 min on 2 CPU cores)"
         )
         _initial_guardspace(cache, settings)
 
