@@ -212,24 +212,29 @@ class Recorder:
         self.path.write_text(json.dumps(out, indent=2))
 
 
+def sst2_accuracy(model, tokenizer, rows: list[dict[str, str]], cfg):
+    """SST-2 accuracy on ``rows`` (``prompt``, ``label``): the label word within the first 4 of 4 generated tokens."""
+    return task_accuracy(
+        model,
+        tokenizer,
+        [r["prompt"] for r in rows],
+        [r["label"] for r in rows],
+        match="label",
+        labels=["negative", "positive"],
+        first_n_words=4,
+        max_new_tokens=4,
+        batch_size=cfg["gen_batch"],
+        show_progress=False,
+    )
+
+
 def evaluate(model, tokenizer, cfg, sets, agnews: bool = False) -> dict:
     kw = {"max_new_tokens": cfg["max_new_tokens"], "batch_size": cfg["gen_batch"], "show_progress": False}
     out = {
         "harmful": harmful_score(model, tokenizer, sets["harmful"], **kw),
         "harmful2": harmful_score(model, tokenizer, sets["harmful2"], **kw),
         "over_refusal": over_refusal_rate(model, tokenizer, sets["xstest"], **kw),
-        "sst2": task_accuracy(
-            model,
-            tokenizer,
-            [r["prompt"] for r in sets["sst2"]],
-            [r["label"] for r in sets["sst2"]],
-            match="label",
-            labels=["negative", "positive"],
-            first_n_words=4,
-            max_new_tokens=4,
-            batch_size=cfg["gen_batch"],
-            show_progress=False,
-        ),
+        "sst2": sst2_accuracy(model, tokenizer, sets["sst2"], cfg),
     }
     if agnews:
         out["agnews"] = task_accuracy(
@@ -527,18 +532,7 @@ def safe_lora_task(cfg, sets, workdir: Path, tag: str, use_base: bool = False, t
 
     def validate() -> dict:
         harm = harmful_score(peft_model, tok, val_harmful, **kw).score
-        acc = task_accuracy(
-            peft_model,
-            tok,
-            [r["prompt"] for r in val_sst2],
-            [r["label"] for r in val_sst2],
-            match="label",
-            labels=["negative", "positive"],
-            first_n_words=4,
-            max_new_tokens=4,
-            batch_size=cfg["gen_batch"],
-            show_progress=False,
-        ).score
+        acc = sst2_accuracy(peft_model, tok, val_sst2, cfg).score
         return {"val_harmful": harm, "val_sst2": acc}
 
     with peft_model.disable_adapter():
