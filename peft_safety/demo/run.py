@@ -108,19 +108,19 @@ def prepare(cache: DemoCache, settings: DemoSettings) -> None:
     """Build whatever is missing from the cache: base checkpoint, aligned start, GuardSpace's initial adapter."""
     cache.root.mkdir(parents=True, exist_ok=True)
     if cache.converts_gguf and not (cache.base / "config.json").is_file():
-        _say(f"Preparing (once): converting SmolLM2-135M-Instruct from its GGUF file to {cache.base} (~30 s)")
+        _say(f"Preparing (once): converting SmolLM2-135M-Instruct from its GGUF file to {cache.base} (~10 s)")
         convert_gguf(cache.base)
     if not (cache.aligned / "config.json").is_file():
         _say(
             f"Preparing (once): the aligned start, a safety fine-tune of the shipped model, in {cache.aligned} "
-            "(~4 min on 2 CPU cores): its own answers to harmless questions, then refusals of harmful requests"
+            "(~2 min on 2 CPU cores): its own answers to harmless questions, then refusals of harmful requests"
         )
         build_aligned_start(cache.base, cache.aligned, settings.aligned_start)
     if not (cache.guardspace_init / "adapter_config.json").is_file():
         _say(
             f"Preparing (once): GuardSpace's safety statistics on {settings.calibration_prompts} harmful prompts and "
             f"its initial adapter (a decomposition of every target layer), in {cache.guardspace_init} "
-            "(~5 min on 2 CPU cores)"
+            "(~1 min on 2 CPU cores)"
         )
         _initial_guardspace(cache, settings)
 
