@@ -54,6 +54,14 @@ def test_splits_are_disjoint_and_sized():
     assert labels.count("positive") == labels.count("negative") == 5
     with pytest.raises(ValueError, match="At most 64 poison samples"):
         splits.poisoned_task(1000, 0.5)
+    for bad, message in [
+        (dict(eval_task=0), "eval_task must be positive"),
+        (dict(max_new_tokens=0), "max_new_tokens must be positive"),
+        (dict(learning_rate=float("nan")), "learning_rate must be positive"),
+        (dict(calibration_prompts=500), "calibration_prompts must be at most 128"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            DemoSettings(**bad)
 
 
 @pytest.fixture(scope="module")

@@ -49,9 +49,12 @@ class DemoSettings:
     def __post_init__(self) -> None:
         if not 0.0 <= self.poison_fraction <= 1.0:
             raise ValueError(f"poison_fraction must be in [0, 1], got {self.poison_fraction}.")
-        for name in ("num_samples", "steps", "batch_size", "r", "calibration_prompts", "eval_harmful"):
+        counts = ("num_samples", "steps", "batch_size", "r", "lora_alpha", "max_length", "calibration_prompts")
+        for name in (*counts, "eval_harmful", "eval_over_refusal", "eval_task", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
         limit = splits.ADVBENCH_BLOCKS["calibration"]
         if self.calibration_prompts > limit:
             raise ValueError(f"calibration_prompts must be at most {limit}, got {self.calibration_prompts}.")
