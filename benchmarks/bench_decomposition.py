@@ -3,10 +3,12 @@
 Per layer shape ``(m, n)`` (out x in) it times the three steps of the init, on a random weight and the covariance
 of ``tokens`` random activations (rank-deficient when ``tokens < n``, as with real calibration sets):
 
-* ``damp``: ``C~ = C + d mean(diag C) I`` and its Cholesky factor (doubling rule, ``damp_covariance_factored``);
+* ``eigh``: one full eigen-decomposition of ``C`` (``covariance_spectrum``) and the null-space basis taken from it
+  (``null_space_basis``);
+* ``damp``: ``C~ = C + d mean(diag C) I``, inverted through that spectrum (doubling rule,
+  ``damp_covariance_spectral``);
 * ``svd``: the product ``W C~`` and its ``r`` smallest singular triplets (``smallest_component_init``, partial
-  method);
-* ``eigh``: the null-space basis of ``C`` (``null_space_basis``, one full eigen-decomposition).
+  method).
 
 ``damp`` and ``eigh`` are per input site (shared by q/k/v or gate/up), ``svd`` per module. Each shape runs in its
 own subprocess so that the peak resident memory (``ru_maxrss``, CPU) or ``max_memory_allocated`` (CUDA) is its own.
@@ -42,7 +44,8 @@ def _rss_mib() -> float:
 
 def run_one(m: int, n: int, tokens: int, r: int, device: str) -> dict:
     from peft_safety.guardspace.decomposition import (
-        damp_covariance_factored,
+        covariance_spectrum,
+        damp_covariance_spectral,
         null_space_basis,
         smallest_component_init,
     )
@@ -59,17 +62,18 @@ def run_one(m: int, n: int, tokens: int, r: int, device: str) -> dict:
     timings = {}
     _sync(device)
     start = time.perf_counter()
-    damped = damp_covariance_factored(covariance)
+    spectrum = covariance_spectrum(covariance)
+    basis = null_space_basis(None, spectrum=spectrum)
+    _sync(device)
+    timings["eigh_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    damped = damp_covariance_spectral(covariance, spectrum)
     _sync(device)
     timings["damp_s"] = time.perf_counter() - start
     start = time.perf_counter()
     smallest_component_init(weight, damped.damped, damped.solve_rows, r, 2.0)
     _sync(device)
     timings["svd_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    basis = null_space_basis(covariance)
-    _sync(device)
-    timings["eigh_s"] = time.perf_counter() - start
     peak = (
         torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mib()
     )  # CPU: whole-process peak RSS

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peft_safety.guardspace.decomposition import PAPER_THRESHOLD, exact_null_floor
+from peft_safety.guardspace.decomposition import null_dimensions
 
 GUARD_BYTES = 4  # GuardState buffers are float32 whatever the model's dtype
 TRAIN_BYTES = 16  # float32 parameter + gradient + two AdamW moments
@@ -190,16 +190,10 @@ SITE_OF_SUFFIX = {"q_proj": "qkv", "o_proj": "o", "gate_proj": "gate_up", "down_
 
 
 def null_dims(values: torch.Tensor, threshold: float | str, r: int) -> tuple[int, int]:
-    """``(k, j)`` for ascending eigenvalues ``values`` of a float64-accumulated covariance: the rule of
-    ``null_space_basis`` (``peft_safety/guardspace/decomposition.py``) from the eigenvalues alone, without vectors."""
-    top = float(values[-1].clamp_min(0))
-    floor = exact_null_floor(values.numel(), torch.float64)
-    exact = int((values <= floor * top).sum())
-    if threshold == "auto" and floor < PAPER_THRESHOLD and exact >= r:
-        return exact, 0
-    relative = PAPER_THRESHOLD if threshold == "auto" else float(threshold)
-    k = int((values <= relative * top).sum())
-    return k, k - min(exact, k)
+    """``(k, j)`` for ascending eigenvalues ``values`` of a float64-accumulated covariance: the package's rule
+    (``null_dimensions``), from the eigenvalues alone."""
+    dims = null_dimensions(values, threshold, min_exact_dim=r)
+    return dims.null_dim, dims.null_dim - dims.exact_dim
 
 
 def measured_fractions(path: str, threshold: float | str, r: int) -> tuple[Fractions, dict[str, list[float]]]:

@@ -91,5 +91,20 @@ def full_weight(base_layer: nn.Module) -> Iterator[torch.Tensor]:
                 "with FSDP, or use FSDP2 (fully_shard), whose DTensor weights are gathered automatically."
             )
         if not weight.dtype.is_floating_point:
-            weight = dequantize_module_weight(base_layer)
+            weight = _dequantized(base_layer)
         yield weight
+
+
+def _dequantized(base_layer: nn.Module) -> torch.Tensor:
+    """PEFT's ``dequantize_module_weight``, leaving ``base_layer.weight`` the same parameter object.
+
+    On CPU it replaces an 8-bit layer's ``Int8Params`` by a copy that lacks ``SCB`` once a forward pass has moved
+    ``SCB`` into the layer's ``state``, and the next forward then fails inside bitsandbytes. The data is unchanged,
+    so the original parameter is put back.
+    """
+    parameter = base_layer.weight
+    try:
+        return dequantize_module_weight(base_layer)
+    finally:
+        if base_layer.weight is not parameter:
+            base_layer.weight = parameter

@@ -247,16 +247,52 @@ def _batches(encoded, batch_size: int, device: torch.device, count: int | None =
         yield input_ids.to(device), attention.to(device), counted.to(device)
 
 
-def _second_moment(
-    x: torch.Tensor, counted: torch.Tensor, dtype: torch.dtype, normalization: Normalization
-) -> torch.Tensor:
-    """``sum_t x_t x_t^T`` over counted tokens of a ``(batch, seq, n)`` input, optionally max-scaled per prompt."""
-    x = x.to(dtype)
-    if normalization == "prompt_max":
-        peak = x.abs().masked_fill(~counted.unsqueeze(-1), 0).amax(dim=(1, 2), keepdim=True)
-        x = x / peak.clamp_min(torch.finfo(dtype).tiny)
-    rows = x[counted]
-    return rows.T @ rows
+GATHERED_ROWS = 512  # tokens per site behind one ``X^T X`` product: products of ~100 rows run at half the speed
+
+
+class _SecondMoments:
+    """``S = sum_t x_t x_t^T`` per site over counted tokens, in ``dtype`` on ``device``.
+
+    Each batch's counted rows (``(tokens, n)``, in the activations' dtype) are gathered per site and multiplied once
+    at least `GATHERED_ROWS` are waiting, so that the ``n x n`` products are long enough to run at full speed;
+    the memory this holds is ``GATHERED_ROWS x n`` activations per site. ``"prompt_max"`` divides each prompt's rows
+    by their largest absolute entry (in ``dtype``, as the products).
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, normalization: Normalization) -> None:
+        self.dtype, self.device, self.normalization = dtype, device, normalization
+        self.sums: dict[str, torch.Tensor] = {}
+        self._waiting: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+
+    def add(self, site: str, x: torch.Tensor, counted: torch.Tensor) -> None:
+        """Gather the counted rows of a ``(batch, seq, n)`` input (``counted``: ``(batch, seq)`` booleans)."""
+        peaks = None
+        if self.normalization == "prompt_max":
+            peak = x.abs().masked_fill(~counted.unsqueeze(-1), 0).amax(dim=(1, 2)).to(self.dtype)
+            peaks = peak.clamp_min(torch.finfo(self.dtype).tiny).repeat_interleave(counted.sum(dim=1))
+        waiting = self._waiting.setdefault(site, [])
+        waiting.append((x[counted], peaks))
+        if sum(rows.shape[0] for rows, _ in waiting) >= GATHERED_ROWS:
+            self._multiply(site)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """Multiply what is still waiting and return the sums."""
+        for site in list(self._waiting):
+            self._multiply(site)
+        return self.sums
+
+    def _multiply(self, site: str) -> None:
+        waiting = self._waiting.pop(site, [])
+        if not waiting:
+            return
+        rows = torch.cat([rows for rows, _ in waiting]).to(self.dtype)
+        if self.normalization == "prompt_max":
+            rows = rows / torch.cat([peaks for _, peaks in waiting]).unsqueeze(1)
+        moment = (rows.T @ rows).to(self.device)
+        if site in self.sums:
+            self.sums[site] += moment
+        else:
+            self.sums[site] = moment
 
 
 @torch.no_grad()
@@ -333,7 +369,7 @@ def collect_safety_statistics(
     modules = dict(model.named_modules())
     captured: dict[str, torch.Tensor] = {}
     site_of: dict[str, str] = {}
-    sums: dict[str, torch.Tensor] = {}
+    moments = _SecondMoments(accumulate_dtype, sum_device, normalization)
     state: dict[str, Any] = {}
 
     def capture(name: str):
@@ -357,11 +393,7 @@ def collect_safety_statistics(
                 f"NaN or Inf in the input of '{site}' on prompt batch {state['batch']}: the model produces "
                 "non-finite activations (check its dtype, e.g. load fp16 models in bf16/fp32 for calibration)."
             )
-        moment = _second_moment(x, counted, accumulate_dtype, normalization).to(sum_device)
-        if site in sums:
-            sums[site] += moment
-        else:
-            sums[site] = moment
+        moments.add(site, x, counted)
 
     handles = [modules[name].register_forward_hook(capture(name)) for name in module_names]
     was_training = model.training
@@ -388,6 +420,7 @@ def collect_safety_statistics(
             handle.remove()
         model.train(was_training)
 
+    sums = moments.finish()
     counts = torch.tensor([num_tokens, len(local)], dtype=torch.float64, device=sum_device)
     if distributed:
         for site in dict.fromkeys(site_of[name] for name in module_names):

@@ -10,8 +10,10 @@ from peft_safety.guardspace.decomposition import (
     PARTIAL_SVD_MIN_RATIO,
     bounded_input_scale,
     calibration_error_bound,
+    covariance_spectrum,
     damp_covariance,
-    damp_covariance_factored,
+    damp_covariance_spectral,
+    null_dimensions,
     null_space_basis,
     output_energy,
     output_energy_from_product,
@@ -222,20 +224,20 @@ def test_bounded_input_scale_gives_lora_row_norms():
 
 
 @pytest.mark.parametrize("tolerance", [0.05, 1e-9])
-def test_factored_damping_matches_the_explicit_rule(tolerance):
-    """The Cholesky-factored damping picks the explicit rule's ``d`` and applies the same ``C~^{-1}``."""
+def test_spectral_damping_matches_the_explicit_rule(tolerance):
+    """The damping through the eigen-decomposition picks the explicit rule's ``d`` and applies the same ``C~^{-1}``."""
     c = covariance_of(low_rank_inputs(20, 48) * torch.logspace(0, 3, 48).double())
     damped, inverse, d = damp_covariance(c, tolerance=tolerance)
-    factored = damp_covariance_factored(c, tolerance=tolerance)
+    factored = damp_covariance_spectral(c, covariance_spectrum(c), tolerance=tolerance)
     assert factored.damping == d
     assert factored.shift == pytest.approx(d * float(torch.diagonal(c).mean()))
     torch.testing.assert_close(factored.damped, damped)
     rows = torch.randn(5, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(factored.solve_rows(rows), rows @ inverse, rtol=1e-9, atol=0)
     with pytest.raises(ValueError, match="Could not damp the covariance of site 'x'"):
-        damp_covariance_factored(c, tolerance=1e-30, max_doublings=3, site="site 'x'")
+        damp_covariance_spectral(c, tolerance=1e-30, max_doublings=3, site="site 'x'")
     with pytest.raises(ValueError, match="diagonal mean is 0 .*no scale to damp"):
-        damp_covariance_factored(torch.zeros(4, 4, dtype=torch.float64))
+        damp_covariance_spectral(torch.zeros(4, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("shape", [(240, 320), (320, 240), (256, 256)])
@@ -266,8 +268,22 @@ def test_partial_smallest_triplets_match_the_full_svd(shape, monkeypatch):
 def test_output_energy_from_the_damped_product():
     c = covariance_of(low_rank_inputs(10, 32))
     weight = torch.randn(24, 32)
-    factored = damp_covariance_factored(c)
+    factored = damp_covariance_spectral(c)
     product = weight.double() @ factored.damped
     torch.testing.assert_close(
         output_energy_from_product(weight, product, factored.shift), output_energy(weight, c), rtol=1e-12, atol=0
     )
+
+
+def test_null_dimensions_follow_the_basis_rule():
+    """The eigenvalue-only rule (used to allocate ranks before any basis exists) counts what the basis keeps."""
+    n, tokens = 40, 25
+    c = covariance_of(low_rank_inputs(tokens, n))
+    values = torch.linalg.eigvalsh(c)
+    for threshold, min_exact in (("auto", 4), ("auto", n - tokens + 1), (1e-4, 1)):
+        basis = null_space_basis(c, threshold, min_exact_dim=min_exact)
+        dims = null_dimensions(values, threshold, min_exact_dim=min_exact)
+        assert (dims.null_dim, dims.rule) == (basis.null_dim, basis.rule)
+        assert dims.null_dim - dims.exact_dim == basis.leak_values.numel()
+    assert null_dimensions(values, "auto", min_exact_dim=4).rule == "exact"
+    assert null_dimensions(values, "auto", min_exact_dim=4).null_dim == n - tokens

@@ -110,6 +110,24 @@ def test_prompt_max_normalisation(model, tokenizer):
         assert not torch.allclose(stats.covariance_sums[name], sum(x.T @ x for x in xs), rtol=0.1)
 
 
+@pytest.mark.parametrize("normalization", ["none", "prompt_max"])
+def test_rows_gathered_across_batches_give_the_same_sums(model, tokenizer, monkeypatch, normalization):
+    """Rows wait per site until enough are gathered for one product; products over rows of several batches and
+    prompts (here once 23 rows wait: two or three batches of two prompts) sum to the per-prompt reference."""
+    from peft_safety import statistics
+
+    monkeypatch.setattr(statistics, "GATHERED_ROWS", 23)
+    gathered = collect(model, tokenizer, batch_size=2, normalization=normalization)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        xs = reference_inputs(model, tokenizer, PROMPTS, name)
+        if normalization == "prompt_max":
+            xs = [x / x.abs().max() for x in xs]
+        expected = sum(x.T @ x for x in xs)
+        torch.testing.assert_close(
+            gathered.covariance_sums[name], expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max())
+        )
+
+
 def test_float32_accumulation_is_close_to_float64(model, tokenizer, stats):
     single = collect(model, tokenizer, batch_size=1, accumulate_dtype=torch.float32)
     assert single.metadata["accumulate_dtype"] == "float32"

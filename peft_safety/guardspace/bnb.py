@@ -106,16 +106,4 @@ if is_bnb_available():
     class GuardSpaceLinear8bitLt(_GuardSpaceBnbMixin, lora_bnb.Linear8bitLt):
         """PEFT's LLM.int8() LoRA layer holding GuardSpace adapters."""
 
-        def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs: Any) -> None:
-            # On CPU, ``dequantize_module_weight`` (used by the init) replaces the ``Int8Params`` with a copy that
-            # lacks ``SCB`` once a forward pass has moved ``SCB`` into ``state``: the next forward then fails in
-            # bitsandbytes. The data is unchanged, so the original parameter object is put back.
-            base = self.get_base_layer()
-            weight = base.weight
-            try:
-                super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
-            finally:
-                if base.weight is not weight:
-                    base.weight = weight
-
     BNB_LAYERS[bnb.nn.Linear8bitLt] = GuardSpaceLinear8bitLt

@@ -44,28 +44,50 @@ class ProjectorBasis:
         return self.basis.shape[0]
 
 
-DAMPING_PROBES = 16  # probe vectors of the residual estimate of `damp_covariance_factored()`
+DAMPING_PROBES = 16  # probe vectors of the residual estimate of `damp_covariance_spectral()`
+
+
+@dataclass
+class CovarianceSpectrum:
+    """Eigen-decomposition ``C = Q diag(lambda) Q^T`` of a covariance, in float64.
+
+    ``values`` (``(n,)``) ascend; ``vectors`` is ``Q`` (``n x n``, orthonormal columns). One per input site serves
+    the null-space basis (`null_space_basis()`) and the damped inverse (`damp_covariance_spectral()`).
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+
+
+def covariance_spectrum(covariance: torch.Tensor) -> CovarianceSpectrum:
+    """`CovarianceSpectrum` of ``C`` (``n x n``), symmetrised, by one full float64 eigen-decomposition.
+
+    LAPACK's divide-and-conquer solver (``syevd``) deflates the cluster of (near-)zero eigenvalues of a
+    rank-deficient covariance, which makes it cheaper than eigenvalues followed by a subset of vectors (``syevr``).
+    ``Q`` is orthonormal to about ``n`` eps.
+    """
+    c = covariance.double()
+    values, vectors = torch.linalg.eigh((c + c.T) / 2)
+    return CovarianceSpectrum(values, vectors)
 
 
 @dataclass
 class DampedCovariance:
-    """``C~ = C + d * mean(diag C) * I`` (``n x n``, float64) with its Cholesky factor ``L`` (``C~ = L L^T``).
+    """``C~ = C + d * mean(diag C) * I`` (``n x n``, float64) with the spectrum of ``C`` that inverts it.
 
-    ``shift`` is the added ``d * mean(diag C)``.
+    ``shift`` is the added ``d * mean(diag C)``, so ``C~^{-1} = Q diag(1 / (lambda + shift)) Q^T``.
     """
 
     damped: torch.Tensor
-    cholesky: torch.Tensor
     damping: float
     shift: float
+    spectrum: CovarianceSpectrum
 
     def solve_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """``rows @ C~^{-1}`` for a ``(r, n)`` matrix, by two triangular solves (``O(r n^2)``)."""
-        return torch.cholesky_solve(rows.T.to(self.cholesky), self.cholesky).T
-
-    def to(self, device: torch.device | str) -> DampedCovariance:
-        """The same damped covariance on ``device``."""
-        return DampedCovariance(self.damped.to(device), self.cholesky.to(device), self.damping, self.shift)
+        """``rows @ C~^{-1}`` for a ``(r, n)`` matrix in ``O(r n^2)``, on the spectrum's device and in its dtype."""
+        vectors = self.spectrum.vectors
+        rotated = rows.to(vectors) @ vectors
+        return (rotated / (self.spectrum.values + self.shift)) @ vectors.T
 
 
 def _checked_scale(covariance: torch.Tensor, start: float, tolerance: float, site: str) -> tuple[torch.Tensor, float]:
@@ -109,7 +131,7 @@ def damp_covariance(
     """Damped covariance ``C~ = C + d * mean(diag C) * I`` and its explicit inverse (the paper's doubling rule).
 
     ``d`` starts at ``start`` and doubles until ``||C~ C~^{-1} - I||_F < tolerance``. Each try costs an inverse and
-    an ``n x n`` product; the init uses `damp_covariance_factored()`, which needs neither.
+    an ``n x n`` product; the init uses `damp_covariance_spectral()`, which needs neither.
 
     Returns:
         ``(C~, C~^{-1}, d)`` in float64.
@@ -130,40 +152,43 @@ def damp_covariance(
     raise _not_damped(site, tolerance, max_doublings, start)
 
 
-def damp_covariance_factored(
+def damp_covariance_spectral(
     covariance: torch.Tensor,
+    spectrum: CovarianceSpectrum | None = None,
     start: float = 0.01,
     tolerance: float = 0.05,
     max_doublings: int = 40,
     site: str = "the layer",
     probes: int = DAMPING_PROBES,
 ) -> DampedCovariance:
-    """The paper's doubling rule (`damp_covariance()`) with a Cholesky factor instead of an explicit inverse.
+    """The paper's doubling rule (`damp_covariance()`) on the eigen-decomposition of ``C``, with no inverse.
 
-    Each try factors ``C~ = L L^T`` (``n^3 / 3`` flops, against ``2 n^3`` for an inverse and ``2 n^3`` for the
-    check's product) and estimates the residual ``E = C~ C~^{-1} - I`` of the factored inverse on ``p = probes``
-    fixed Gaussian vectors ``Z`` (``n x p``, seed 0): ``E[||E Z||_F^2] = p ||E||_F^2``, so
-    ``||E Z||_F / sqrt(p)`` estimates ``||E||_F`` in ``O(n^2 p)``. ``d`` doubles while that estimate is at least
-    ``tolerance`` or the factorisation fails (``C~`` not positive definite in float64). At the default
-    ``d = 0.01`` the residual is about ``1e-10`` on rank-deficient covariances, far from ``tolerance = 0.05``,
-    so the estimate picks the ``d`` of the explicit check.
+    ``C~^{-1}`` is applied through the spectrum (``spectrum``, computed when not given), so a try costs no
+    factorisation: the residual ``E = C~ C~^{-1} - I`` is estimated on ``p = probes`` fixed Gaussian vectors ``Z``
+    (``n x p``, seed 0): ``E[||E Z||_F^2] = p ||E||_F^2``, so ``||E Z||_F / sqrt(p)`` estimates ``||E||_F`` in
+    ``O(n^2 p)``. ``d`` doubles while that estimate is at least ``tolerance`` or some ``lambda + shift`` is not
+    positive. At the default ``d = 0.01`` the residual is about ``1e-12`` on rank-deficient covariances, far from
+    ``tolerance = 0.05``, so the estimate picks the ``d`` of the explicit check.
 
     Raises:
         ValueError: as `damp_covariance()`.
     """
     c, scale = _checked_scale(covariance, start, tolerance, site)
+    spectrum = covariance_spectrum(c) if spectrum is None else spectrum
     n = c.shape[0]
     generator = torch.Generator().manual_seed(0)
     z = torch.randn(n, probes, generator=generator, dtype=c.dtype).to(c.device)
-    eye = torch.eye(n, dtype=c.dtype, device=c.device)
     damping = start
     for _ in range(max_doublings):
-        damped = c + damping * scale * eye
-        factor, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            residual = damped @ torch.cholesky_solve(z, factor) - z
+        shift = damping * scale
+        if bool((spectrum.values + shift > 0).all()):
+            damped = DampedCovariance(c, damping, shift, spectrum)  # ``c`` becomes C~ below, once accepted
+            solved = damped.solve_rows(z.T).T.to(c)
+            residual = c @ solved + shift * solved - z
             if float(torch.linalg.matrix_norm(residual)) < tolerance * probes**0.5:
-                return DampedCovariance(damped, factor, damping, damping * scale)
+                eye = torch.eye(n, dtype=c.dtype, device=c.device)
+                damped.damped = c + shift * eye
+                return damped
         damping *= 2
     raise _not_damped(site, tolerance, max_doublings, start)
 
@@ -268,18 +293,53 @@ def smallest_component_init(
 
     ``damped_inverse`` is ``C~^{-1}`` (``n x n``) or a function giving ``rows @ C~^{-1}`` for ``(r, n)`` rows (e.g.
     `DampedCovariance.solve_rows`). ``product`` is ``M = W C~`` in float64 when the caller already has it.
+    The two steps are `smallest_components()` and `component_factors()`.
 
     Returns:
         ``(B0, A0, S_r)`` in float32, ``S_r`` the kept singular values, largest of them first.
     """
+    components = smallest_components(weight, damped, damped_inverse, r, product)
+    return component_factors(components, scaling, balance)
+
+
+@dataclass
+class SmallestComponents:
+    """The ``r`` smallest components of ``M = W C~ = U S V^T``, before any adapter scaling (float64).
+
+    ``left`` is ``U_r`` (``m x r``), ``singular_values`` ``S_r`` (``(r,)``, largest first) and ``solved_rows``
+    ``V_r^T C~^{-1}`` (``r x n``): ``U_r S_r (V_r^T C~^{-1}) = U_r U_r^T W``.
+    """
+
+    left: torch.Tensor
+    singular_values: torch.Tensor
+    solved_rows: torch.Tensor
+
+
+def smallest_components(
+    weight: torch.Tensor,
+    damped: torch.Tensor,
+    damped_inverse: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+    r: int,
+    product: torch.Tensor | None = None,
+) -> SmallestComponents:
+    """`SmallestComponents` of ``W`` (``(m, n)``) under ``C~`` (arguments as in `smallest_component_init()`)."""
     m, n = weight.shape
     if not 0 < r <= min(m, n):
         raise ValueError(f"r={r} must be between 1 and min(out, in)={min(m, n)} for a {m}x{n} layer.")
     u_r, s_r, vh_r = smallest_singular_triplets(weight.double() @ damped if product is None else product, r)
+    solved = vh_r @ damped_inverse if isinstance(damped_inverse, torch.Tensor) else damped_inverse(vh_r)
+    return SmallestComponents(u_r, s_r, solved.to(u_r))
+
+
+def component_factors(
+    components: SmallestComponents, scaling: float, balance: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B0, A0, S_r)`` in float32 from `SmallestComponents` and the adapter's ``scaling`` (see
+    `smallest_component_init()`): ``B0 = U_r S'^{1/2}``, ``A0 = S'^{1/2} V_r^T C~^{-1}``, ``S' = S_r / scaling``."""
+    s_r = components.singular_values
     root = (s_r / scaling).sqrt()
-    b0 = u_r * root
-    rows = root.unsqueeze(1) * vh_r
-    a0 = rows @ damped_inverse if isinstance(damped_inverse, torch.Tensor) else damped_inverse(rows)
+    b0 = components.left * root
+    a0 = root.unsqueeze(1) * components.solved_rows
     if balance:
         # |row i of A0| = |col i of B0|: same product, but C~^{-1} no longer makes A0 ~1/damping times larger
         # than B0 in the (near-)null directions
@@ -298,40 +358,59 @@ def exact_null_floor(n: int, dtype: torch.dtype) -> float:
     return EXACT_NULL_ROUNDING * n * torch.finfo(dtype).eps
 
 
+@dataclass
+class NullDimensions:
+    """How many eigenvalues of a covariance form its null space (``null_dim``, ``k``) and how many of those are
+    exact zeros (``exact_dim``); ``rule`` is ``"exact"`` or the relative threshold used."""
+
+    null_dim: int
+    exact_dim: int
+    rule: str
+
+
+def null_dimensions(
+    values: torch.Tensor,
+    threshold: float | str = "auto",
+    min_exact_dim: int = 1,
+    accumulation_dtype: torch.dtype = torch.float64,
+) -> NullDimensions:
+    """The null-space rule of `null_space_basis()` on ascending eigenvalues ``values`` (``(n,)``) alone.
+
+    ``threshold="auto"``: the exact null space (eigenvalues at the rounding floor, `exact_null_floor()`) when it has
+    at least ``min_exact_dim`` directions, otherwise the paper's ``lambda <= 1e-6 lambda_max``. A float
+    ``threshold`` keeps every direction with ``lambda <= threshold * lambda_max``.
+    """
+    top = values[-1].clamp_min(0)
+    floor = exact_null_floor(values.numel(), accumulation_dtype)
+    exact_dim = int((values <= floor * top).sum())
+    if threshold == "auto" and floor < PAPER_THRESHOLD and exact_dim >= min_exact_dim:
+        return NullDimensions(exact_dim, exact_dim, "exact")
+    relative = PAPER_THRESHOLD if threshold == "auto" else float(threshold)
+    null_dim = int((values <= relative * top).sum())
+    return NullDimensions(null_dim, min(exact_dim, null_dim), f"{relative:g}")
+
+
 def null_space_basis(
-    covariance: torch.Tensor,
+    covariance: torch.Tensor | None,
     threshold: float | str = "auto",
     min_exact_dim: int = 1,
     accumulation_dtype: torch.dtype = torch.float64,
     compact: bool = False,
+    spectrum: CovarianceSpectrum | None = None,
 ) -> ProjectorBasis:
-    """Basis of the null space of ``C`` (``n x n``) and its leaking directions.
+    """Basis of the null space of ``C`` (``n x n``) and its leaking directions, by the rule of `null_dimensions()`.
 
-    ``threshold="auto"``: the exact null space (eigenvalues at the rounding floor, `exact_null_floor()`) when
-    it has at least ``min_exact_dim`` directions, otherwise the paper's ``lambda <= 1e-6 lambda_max``. A float
-    ``threshold`` keeps every direction with ``lambda <= threshold * lambda_max``.
-
-    One full eigen-decomposition ``C = Q diag(lambda) Q^T`` (float64, LAPACK ``syevd``) gives the eigenvalues and
-    both bases. On a rank-deficient covariance its divide-and-conquer step deflates the (near-)zero eigenvalues,
-    which makes it cheaper than eigenvalues followed by a subset of vectors (``syevr``, slow on the large cluster
-    of zero eigenvalues). ``Q`` is orthonormal to about ``n`` eps, so ``P`` is an orthogonal projector to float
-    precision. The smaller of the null basis ``N`` (``k`` vectors, if ``k <= n - k``) and the range basis ``R``
-    is stored. ``compact``: the leak vectors are columns of ``N``, so ``N`` is stored whenever ``n k`` floats is no
-    more than ``R`` plus the leak vectors, ``n (n - k + j)``.
+    One eigen-decomposition (`covariance_spectrum()`, or ``spectrum`` when given; ``covariance`` is then unused)
+    gives the eigenvalues and both bases; ``P = N N^T`` is an orthogonal projector to float precision. The smaller
+    of the null basis ``N`` (``k`` vectors, if ``k <= n - k``) and the range basis ``R`` is stored. ``compact``: the
+    leak vectors are columns of ``N``, so ``N`` is stored whenever ``n k`` floats is no more than ``R`` plus the leak
+    vectors, ``n (n - k + j)``.
     """
-    c = covariance.double()
-    c = (c + c.T) / 2
-    n = c.shape[0]
-    values, vectors = torch.linalg.eigh(c)
-    top = values[-1].clamp_min(0)
-    floor = exact_null_floor(n, accumulation_dtype)
-    exact_dim = int((values <= floor * top).sum())
-    if threshold == "auto" and floor < PAPER_THRESHOLD and exact_dim >= min_exact_dim:
-        null_dim, rule = exact_dim, "exact"
-    else:
-        relative = PAPER_THRESHOLD if threshold == "auto" else float(threshold)
-        null_dim, rule = int((values <= relative * top).sum()), f"{relative:g}"
-    exact_dim = min(exact_dim, null_dim)
+    spectrum = covariance_spectrum(covariance) if spectrum is None else spectrum
+    values, vectors = spectrum.values, spectrum.vectors
+    n = values.numel()
+    dims = null_dimensions(values, threshold, min_exact_dim, accumulation_dtype)
+    null_dim, exact_dim = dims.null_dim, dims.exact_dim
     stored = exact_dim if compact else null_dim  # compact: the leak vectors come with N at no extra cost
     store_null = stored <= n - null_dim
     kind, basis = ("null", vectors[:, :null_dim]) if store_null else ("range", vectors[:, null_dim:])
@@ -342,7 +421,7 @@ def null_space_basis(
         null_dim,
         leak_vectors.float().contiguous(),
         leak_values.clamp_min(0).float().contiguous(),
-        rule,
+        dims.rule,
     )
 
 

@@ -1,8 +1,10 @@
 """Creating GuardSpace adapters: checks before injection, per-layer init during it, the report after it.
 
-``prepare_injection`` runs before PEFT touches the model (bad input fails there, model untouched), computes one
-projector basis per input site, and attaches an `InitSession` to the config. PEFT then creates each layer
-and ``GuardSpaceVariant.init`` calls `initialize_layer()`. ``finish_injection`` records the null-space
+``prepare_injection`` runs before PEFT touches the model (bad input fails there, model untouched). It does all the
+linear algebra, one input site at a time: one eigen-decomposition of the site's covariance gives the projector basis
+and the damped inverse, and each module of the site gets its smallest components. It attaches them to the config as
+an `InitSession`. PEFT then creates each layer and ``GuardSpaceVariant.init`` calls `initialize_layer()`, which only
+scales and places the factors. ``finish_injection`` records the null-space
 dimensions in the config, logs the report and drops the session.
 
 Without statistics (``PeftModel.from_pretrained`` of a saved adapter), layers are allocated from the recorded
@@ -19,23 +21,37 @@ from dataclasses import dataclass, field
 import torch
 from peft.utils.other import get_pattern_key
 from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
-from .._targets import config_targets, weight_shape
+from .._targets import _base_layer, config_targets, weight_shape
 from ..distributed import full_weight
 from ..statistics import SafetyStatistics
 from .config import GuardSpaceConfig
 from .decomposition import (
     DampedCovariance,
     ProjectorBasis,
+    SmallestComponents,
     bounded_input_scale,
-    damp_covariance_factored,
+    component_factors,
+    covariance_spectrum,
+    damp_covariance_spectral,
+    null_dimensions,
     null_space_basis,
     output_energy_from_product,
-    smallest_component_init,
+    smallest_components,
 )
 from .layer import GuardState
 
 logger = logging.getLogger("peft_safety")
+
+
+@dataclass
+class ModuleInit:
+    """The init of one module before adapter scaling: its smallest components and ``tr(W C W^T)`` (float64)."""
+
+    components: SmallestComponents
+    output_energy: torch.Tensor
 
 
 @dataclass
@@ -44,19 +60,8 @@ class InitSession:
 
     statistics: SafetyStatistics
     bases: dict[str, ProjectorBasis]  # site -> projector basis, shared by the modules of the site
-    damped_site: str | None = None  # most recent site's damped covariance (q/k/v are created in a row)
-    damped: DampedCovariance | None = None
+    modules: dict[str, ModuleInit]  # target name -> its init
     initialised: list[str] = field(default_factory=list)
-
-    def damped_covariance(self, site: str, config: GuardSpaceConfig) -> DampedCovariance:
-        """``C~`` of ``site`` with its Cholesky factor, in float64 (``C = S / T``)."""
-        if self.damped_site != site:
-            covariance = self.statistics.covariance_sums[site].double() / self.statistics.num_tokens
-            damped = damp_covariance_factored(
-                covariance, config.damping_start, config.damping_tolerance, site=f"site '{site}'"
-            )
-            self.damped_site, self.damped = site, damped
-        return self.damped
 
 
 def _module_rank(config: GuardSpaceConfig, name: str) -> int:
@@ -93,25 +98,52 @@ def prepare_injection(config: GuardSpaceConfig, model: nn.Module) -> None:
     for name in names:
         site = statistics.site_of[name]
         site_ranks[site] = max(site_ranks.get(site, 0), _module_rank(config, name))
-    bases = {
-        site: null_space_basis(
-            statistics.covariance(statistics.modules_of_site(site)[0]),
-            config.null_space_threshold,
-            min_exact_dim=rank,
-            accumulation_dtype=statistics.covariance_sums[site].dtype,
-            compact=config.compact_bases,
-        )
-        for site, rank in site_ranks.items()
-    }
-    if config.rank_allocation == "null_dim":
+    accumulation_dtype = {site: statistics.covariance_sums[site].dtype for site in site_ranks}
+    if config.rank_allocation == "null_dim":  # the ranks need every site's null dimension: eigenvalues first
+        site_dims = {
+            site: null_dimensions(
+                torch.linalg.eigvalsh(_symmetric(statistics.covariance_sums[site].double())),
+                config.null_space_threshold,
+                rank,
+                accumulation_dtype[site],
+            ).null_dim
+            for site, rank in site_ranks.items()
+        }
         shapes = {name: weight_shape(modules[name]) for name in names}
-        null_dims = {name: bases[statistics.site_of[name]].null_dim for name in names}
+        null_dims = {name: site_dims[statistics.site_of[name]] for name in names}
         config.rank_pattern = {**config.rank_pattern, **allocate_ranks(null_dims, shapes, config)}
+    bases: dict[str, ProjectorBasis] = {}
+    inits: dict[str, ModuleInit] = {}
+    for site, rank in tqdm(site_ranks.items(), desc="GuardSpace init", unit="site", disable=None, leave=False):
+        covariance = statistics.covariance_sums[site].double() / statistics.num_tokens
+        spectrum = covariance_spectrum(covariance)
+        bases[site] = null_space_basis(
+            None, config.null_space_threshold, rank, accumulation_dtype[site], config.compact_bases, spectrum
+        )
+        damped = damp_covariance_spectral(
+            covariance, spectrum, config.damping_start, config.damping_tolerance, site=f"site '{site}'"
+        )
+        for name in (name for name in names if statistics.site_of[name] == site):
+            inits[name] = _module_init(modules[name], damped, _module_rank(config, name))
+        del spectrum, damped
     _warn_rank_above_null_dim(config, names, {name: bases[statistics.site_of[name]].null_dim for name in names})
     config.null_space_dims = {}
     config.near_null_dims = {}
     config.null_space_sites = {}
-    config._guardspace_session = InitSession(statistics, bases)
+    config._guardspace_session = InitSession(statistics, bases, inits)
+
+
+def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    return (matrix + matrix.T) / 2
+
+
+def _module_init(module: nn.Module, damped: DampedCovariance, r: int) -> ModuleInit:
+    """`ModuleInit` of one target module, on its weight's device: ``M = W C~`` serves the SVD and the energy."""
+    weight = _float_weight(module)
+    product = weight.double() @ damped.damped.to(weight.device)
+    components = smallest_components(weight, damped.damped, damped.solve_rows, r, product)
+    energy = output_energy_from_product(weight, product, damped.shift)
+    return ModuleInit(components, energy)
 
 
 def _warn_rank_above_null_dim(config: GuardSpaceConfig, names: list[str], null_dims: dict[str, int]) -> None:
@@ -178,11 +210,13 @@ def _escape(name: str) -> str:
     return name.replace(".", r"\.")
 
 
-def _float_weight(layer: nn.Module) -> torch.Tensor:
-    """The base weight as ``(out, in)`` float32, dequantised for bitsandbytes layers."""
-    with full_weight(layer.get_base_layer()) as weight:
+def _float_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight of a target (plain or already adapted) as ``(out, in)`` float32, dequantised for
+    bitsandbytes layers and gathered when sharded. GPT-2 ``Conv1D`` stores it ``(in, out)`` (``fan_in_fan_out``)."""
+    base = _base_layer(module)
+    with full_weight(base) as weight:
         weight = weight.detach().float().clone()
-    return weight.T if layer.fan_in_fan_out else weight
+    return weight.T if isinstance(base, Conv1D) else weight
 
 
 @torch.no_grad()
@@ -219,17 +253,9 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
         return
     site = session.statistics.site_of[target_name]
     basis = session.bases[site]
-    weight = _float_weight(layer)
-    damped = session.damped_covariance(site, config).to(weight.device)
-    product = weight.double() @ damped.damped  # M = W C~, shared by the SVD and the output energy
-    b0, a0, singular_values = smallest_component_init(
-        weight,
-        damped.damped,
-        damped.solve_rows,
-        r,
-        layer.scaling[adapter_name],
-        balance=config.factor_scale == "balanced",
-        product=product,
+    init = session.modules.pop(target_name)
+    b0, a0, singular_values = component_factors(
+        init.components, layer.scaling[adapter_name], balance=config.factor_scale == "balanced"
     )
     lora_A, lora_B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
     lora_A.data = a0.to(lora_A.dtype).contiguous()
@@ -249,7 +275,7 @@ def initialize_layer(layer: nn.Module, adapter_name: str, config: GuardSpaceConf
     state.frozen_A = state.effective_A(lora_A)
     state.frozen_B = lora_B.float().clone()
     state.singular_values = singular_values.to(device)
-    state.output_energy = output_energy_from_product(weight, product, damped.shift).float().to(device)
+    state.output_energy = init.output_energy.float().to(device)
     state.leakage_bound = config.max_calibration_leakage
     layer.lora_guard[adapter_name] = state
     config.null_space_dims[target_name] = basis.null_dim
