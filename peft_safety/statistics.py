@@ -253,10 +253,12 @@ GATHERED_ROWS = 512  # tokens per site behind one ``X^T X`` product: products of
 class _SecondMoments:
     """``S = sum_t x_t x_t^T`` per site over counted tokens, in ``dtype`` on ``device``.
 
-    Each batch's counted rows (``(tokens, n)``, in the activations' dtype) are gathered per site and multiplied once
-    at least `GATHERED_ROWS` are waiting, so that the ``n x n`` products are long enough to run at full speed;
-    the memory this holds is ``GATHERED_ROWS x n`` activations per site. ``"prompt_max"`` divides each prompt's rows
-    by their largest absolute entry (in ``dtype``, as the products).
+    Each batch's counted rows (``(tokens, n)``, in the activations' dtype, on their device) are gathered per site and
+    multiplied once at least `GATHERED_ROWS` are waiting, so that the ``n x n`` products are long enough to run at
+    full speed. Between batches fewer than `GATHERED_ROWS` rows per site wait (on the model's device also when the
+    sums are offloaded: about 0.75 GiB for a bf16 Llama-2-7B); a product briefly holds its rows once more in
+    ``dtype``. ``"prompt_max"`` divides each prompt's rows by their largest absolute entry (in ``dtype``, as the
+    products).
     """
 
     def __init__(self, dtype: torch.dtype, device: torch.device, normalization: Normalization) -> None:

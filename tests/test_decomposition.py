@@ -228,12 +228,12 @@ def test_spectral_damping_matches_the_explicit_rule(tolerance):
     """The damping through the eigen-decomposition picks the explicit rule's ``d`` and applies the same ``C~^{-1}``."""
     c = covariance_of(low_rank_inputs(20, 48) * torch.logspace(0, 3, 48).double())
     damped, inverse, d = damp_covariance(c, tolerance=tolerance)
-    factored = damp_covariance_spectral(c, covariance_spectrum(c), tolerance=tolerance)
-    assert factored.damping == d
-    assert factored.shift == pytest.approx(d * float(torch.diagonal(c).mean()))
-    torch.testing.assert_close(factored.damped, damped)
+    spectral = damp_covariance_spectral(c, covariance_spectrum(c), tolerance=tolerance)
+    assert spectral.damping == d
+    assert spectral.shift == pytest.approx(d * float(torch.diagonal(c).mean()))
+    torch.testing.assert_close(spectral.damped, damped)
     rows = torch.randn(5, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(factored.solve_rows(rows), rows @ inverse, rtol=1e-9, atol=0)
+    torch.testing.assert_close(spectral.solve_rows(rows), rows @ inverse, rtol=1e-9, atol=0)
     with pytest.raises(ValueError, match="Could not damp the covariance of site 'x'"):
         damp_covariance_spectral(c, tolerance=1e-30, max_doublings=3, site="site 'x'")
     with pytest.raises(ValueError, match="diagonal mean is 0 .*no scale to damp"):
@@ -268,10 +268,10 @@ def test_partial_smallest_triplets_match_the_full_svd(shape, monkeypatch):
 def test_output_energy_from_the_damped_product():
     c = covariance_of(low_rank_inputs(10, 32))
     weight = torch.randn(24, 32)
-    factored = damp_covariance_spectral(c)
-    product = weight.double() @ factored.damped
+    spectral = damp_covariance_spectral(c)
+    product = weight.double() @ spectral.damped
     torch.testing.assert_close(
-        output_energy_from_product(weight, product, factored.shift), output_energy(weight, c), rtol=1e-12, atol=0
+        output_energy_from_product(weight, product, spectral.shift), output_energy(weight, c), rtol=1e-12, atol=0
     )
 
 

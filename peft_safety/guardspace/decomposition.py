@@ -59,6 +59,11 @@ class CovarianceSpectrum:
     vectors: torch.Tensor
 
 
+def symmetric_part(matrix: torch.Tensor) -> torch.Tensor:
+    """``(A + A^T) / 2`` of a square matrix: a covariance summed in floats is symmetric only to rounding."""
+    return (matrix + matrix.T) / 2
+
+
 def covariance_spectrum(covariance: torch.Tensor) -> CovarianceSpectrum:
     """`CovarianceSpectrum` of ``C`` (``n x n``), symmetrised, by one full float64 eigen-decomposition.
 
@@ -66,8 +71,7 @@ def covariance_spectrum(covariance: torch.Tensor) -> CovarianceSpectrum:
     rank-deficient covariance, which makes it cheaper than eigenvalues followed by a subset of vectors (``syevr``).
     ``Q`` is orthonormal to about ``n`` eps.
     """
-    c = covariance.double()
-    values, vectors = torch.linalg.eigh((c + c.T) / 2)
+    values, vectors = torch.linalg.eigh(symmetric_part(covariance.double()))
     return CovarianceSpectrum(values, vectors)
 
 
@@ -88,6 +92,11 @@ class DampedCovariance:
         vectors = self.spectrum.vectors
         rotated = rows.to(vectors) @ vectors
         return (rotated / (self.spectrum.values + self.shift)) @ vectors.T
+
+    def to(self, device: torch.device | str) -> DampedCovariance:
+        """The same damped covariance, with its spectrum, on ``device``."""
+        spectrum = CovarianceSpectrum(self.spectrum.values.to(device), self.spectrum.vectors.to(device))
+        return DampedCovariance(self.damped.to(device), self.damping, self.shift, spectrum)
 
 
 def _checked_scale(covariance: torch.Tensor, start: float, tolerance: float, site: str) -> tuple[torch.Tensor, float]:
@@ -186,8 +195,8 @@ def damp_covariance_spectral(
             solved = damped.solve_rows(z.T).T.to(c)
             residual = c @ solved + shift * solved - z
             if float(torch.linalg.matrix_norm(residual)) < tolerance * probes**0.5:
-                eye = torch.eye(n, dtype=c.dtype, device=c.device)
-                damped.damped = c + shift * eye
+                damped.damped = c.clone()
+                damped.damped.diagonal().add_(shift)
                 return damped
         damping *= 2
     raise _not_damped(site, tolerance, max_doublings, start)
@@ -314,6 +323,9 @@ class SmallestComponents:
     singular_values: torch.Tensor
     solved_rows: torch.Tensor
 
+    def to(self, dtype: torch.dtype) -> SmallestComponents:
+        return SmallestComponents(self.left.to(dtype), self.singular_values.to(dtype), self.solved_rows.to(dtype))
+
 
 def smallest_components(
     weight: torch.Tensor,
@@ -391,25 +403,30 @@ def null_dimensions(
 
 
 def null_space_basis(
-    covariance: torch.Tensor | None,
+    covariance: torch.Tensor | None = None,
     threshold: float | str = "auto",
     min_exact_dim: int = 1,
     accumulation_dtype: torch.dtype = torch.float64,
     compact: bool = False,
     spectrum: CovarianceSpectrum | None = None,
+    dims: NullDimensions | None = None,
 ) -> ProjectorBasis:
     """Basis of the null space of ``C`` (``n x n``) and its leaking directions, by the rule of `null_dimensions()`.
 
-    One eigen-decomposition (`covariance_spectrum()`, or ``spectrum`` when given; ``covariance`` is then unused)
-    gives the eigenvalues and both bases; ``P = N N^T`` is an orthogonal projector to float precision. The smaller
-    of the null basis ``N`` (``k`` vectors, if ``k <= n - k``) and the range basis ``R`` is stored. ``compact``: the
-    leak vectors are columns of ``N``, so ``N`` is stored whenever ``n k`` floats is no more than ``R`` plus the leak
-    vectors, ``n (n - k + j)``.
+    One eigen-decomposition (`covariance_spectrum()` of ``covariance``, or ``spectrum`` when given) gives the
+    eigenvalues and both bases; ``P = N N^T`` is an orthogonal projector to float precision. ``dims`` replaces the
+    rule's counts (e.g. those a rank allocation was made from). The smaller of the null basis ``N`` (``k`` vectors,
+    if ``k <= n - k``) and the range basis ``R`` is stored. ``compact``: the leak vectors are columns of ``N``, so
+    ``N`` is stored whenever ``n k`` floats is no more than ``R`` plus the leak vectors, ``n (n - k + j)``.
     """
-    spectrum = covariance_spectrum(covariance) if spectrum is None else spectrum
+    if spectrum is None:
+        if covariance is None:
+            raise TypeError("null_space_basis() needs `covariance` or `spectrum`.")
+        spectrum = covariance_spectrum(covariance)
     values, vectors = spectrum.values, spectrum.vectors
     n = values.numel()
-    dims = null_dimensions(values, threshold, min_exact_dim, accumulation_dtype)
+    if dims is None:
+        dims = null_dimensions(values, threshold, min_exact_dim, accumulation_dtype)
     null_dim, exact_dim = dims.null_dim, dims.exact_dim
     stored = exact_dim if compact else null_dim  # compact: the leak vectors come with N at no extra cost
     store_null = stored <= n - null_dim
