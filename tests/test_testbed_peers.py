@@ -55,3 +55,21 @@ def test_quick_sets_are_disjoint():
     check_disjoint(cfg, eval_sets(cfg), round(cfg["n"] * max(cfg["p"])), cfg["calibration"])
     assert len(data.q_harm_prompts(30)) == 30
     assert len(set(data.harmful_validation_prompts(20))) == 20
+
+
+def test_plot_labels_single_fraction_runs_and_draws_one_panel_per_fraction(tmp_path):
+    """Files at different poison fractions merge into ``p=<p> <method>`` names (the aligned start once), and the
+    by-fraction plot writes one figure."""
+    pytest.importorskip("matplotlib")
+    from benchmarks.testbed.plot import merged_methods, plot_by_fraction
+
+    point = {"harmful": 0.5, "sst2": 0.5}
+    several = {"settings": {"p": [0.0, 0.1]}, "methods": {"aligned": point, "p=0 lora": point, "p=0.1 lora": point}}
+    single = {"settings": {"p": [0.2]}, "methods": {"aligned": {"harmful": 9, "sst2": 9}, "lora": point}}
+    methods = merged_methods([several, single])
+    assert list(methods) == ["aligned", "p=0 lora", "p=0.1 lora", "p=0.2 lora"]
+    assert methods["aligned"] is point  # the first file's aligned start
+    assert list(merged_methods([single])) == ["aligned", "lora"]  # one fraction: names unchanged
+    out = tmp_path / "panels.png"
+    plot_by_fraction(methods, str(out), "title")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
