@@ -29,6 +29,13 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: ``(0, 1)`` outside ``torch.distributed``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def verify_statistics_across_ranks(statistics: SafetyStatistics, group=None) -> str:
     """Raise a ``RuntimeError`` on every rank unless all ranks hold identical statistics; return the fingerprint.
 

@@ -268,3 +268,28 @@ def test_disable_bnb_cpu_packing_undoes_a_packed_weight(kind, tokenizer, saved_b
     for name, weight in reference.items():
         assert _max_rel(restored[name], weight) < 1e-2, name  # bf16 scales: ~4e-3
     assert disable_bnb_cpu_packing(model) == 0  # idempotent
+
+
+@pytest.mark.parametrize("kind", ["nf4"])
+def test_guardspace_init_reads_the_unpacked_weight_of_a_packed_layer(kind, tokenizer, saved_base, tmp_path):
+    """A 4-bit model that already ran in eval mode holds packed CPU weights; the init must read the plain weight
+    (up to the packing's bf16 scales), not the packed bytes, for its factors and its output energy."""
+    fresh = load_quantized(saved_base, kind)
+    statistics = collect_safety_statistics(fresh, tokenizer, HARMFUL_PROMPTS, TARGETS, show_progress=False)
+    statistics.save(tmp_path / "stats.safetensors")
+    expected = get_peft_model(fresh, guard_config(str(tmp_path / "stats.safetensors")))
+    packed = load_quantized(saved_base, kind)
+    logits_of(packed, tokenizer, BENIGN_TEXTS)
+    states = [module.weight.quant_state for module in packed.modules() if type(module).__name__ == "Linear4bit"]
+    if not any(getattr(state, "packing_format_for_cpu", False) for state in states):
+        pytest.skip("this bitsandbytes / CPU has no packed 4-bit CPU path")
+    created = get_peft_model(packed, guard_config(str(tmp_path / "stats.safetensors")))
+    energies = {
+        name: module.lora_guard["default"].output_energy
+        for name, module in expected.named_modules()
+        if hasattr(module, "lora_guard")
+    }
+    assert energies
+    for name, module in created.named_modules():
+        if hasattr(module, "lora_guard"):
+            assert _max_rel(module.lora_guard["default"].output_energy, energies[name]) < 2e-2, name

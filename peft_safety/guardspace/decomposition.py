@@ -89,9 +89,7 @@ class DampedCovariance:
 
     def solve_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows @ C~^{-1}`` for a ``(r, n)`` matrix in ``O(r n^2)``, on the spectrum's device and in its dtype."""
-        vectors = self.spectrum.vectors
-        rotated = rows.to(vectors) @ vectors
-        return (rotated / (self.spectrum.values + self.shift)) @ vectors.T
+        return _shifted_solve(self.spectrum, self.shift, rows)
 
     def to(self, device: torch.device | str) -> DampedCovariance:
         """The same damped covariance, with its spectrum, on ``device``."""
@@ -161,6 +159,12 @@ def damp_covariance(
     raise _not_damped(site, tolerance, max_doublings, start)
 
 
+def _shifted_solve(spectrum: CovarianceSpectrum, shift: float, rows: torch.Tensor) -> torch.Tensor:
+    """``rows @ (C + shift I)^{-1} = ((rows Q) / (lambda + shift)) Q^T`` for ``(r, n)`` rows."""
+    vectors = spectrum.vectors
+    return ((rows.to(vectors) @ vectors) / (spectrum.values + shift)) @ vectors.T
+
+
 def damp_covariance_spectral(
     covariance: torch.Tensor,
     spectrum: CovarianceSpectrum | None = None,
@@ -191,13 +195,12 @@ def damp_covariance_spectral(
     for _ in range(max_doublings):
         shift = damping * scale
         if bool((spectrum.values + shift > 0).all()):
-            damped = DampedCovariance(c, damping, shift, spectrum)  # ``c`` becomes C~ below, once accepted
-            solved = damped.solve_rows(z.T).T.to(c)
+            solved = _shifted_solve(spectrum, shift, z.T).T.to(c)
             residual = c @ solved + shift * solved - z
             if float(torch.linalg.matrix_norm(residual)) < tolerance * probes**0.5:
-                damped.damped = c.clone()
-                damped.damped.diagonal().add_(shift)
-                return damped
+                damped = c.clone()
+                damped.diagonal().add_(shift)
+                return DampedCovariance(damped, damping, shift, spectrum)
         damping *= 2
     raise _not_damped(site, tolerance, max_doublings, start)
 

@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .._bnb_cpu import disable_bnb_cpu_packing
 from .._targets import _base_layer, config_targets, weight_shape
-from ..distributed import full_weight
+from ..distributed import full_weight, rank_and_world
 from ..statistics import SafetyStatistics
 from .config import GuardSpaceConfig
 from .decomposition import (
@@ -139,12 +139,10 @@ def _decompose_sites(
     ranks were allocated from them, so that both agree) and the damped inverse; only that site's ``n x n`` matrices
     are alive at a time.
     """
-    rank_zero = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
-        torch.distributed.get_rank() == 0
-    )
     bases: dict[str, ProjectorBasis] = {}
     inits: dict[str, ModuleInit] = {}
-    sites = tqdm(site_ranks.items(), desc="GuardSpace init", unit="site", disable=None if rank_zero else True)
+    quiet = True if rank_and_world()[0] != 0 else None  # None: a bar in a terminal, none in logs
+    sites = tqdm(site_ranks.items(), desc="GuardSpace init", unit="site", disable=quiet)
     for site, rank in sites:
         covariance = statistics.covariance_sums[site].double() / statistics.num_tokens
         spectrum = covariance_spectrum(covariance)

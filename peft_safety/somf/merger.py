@@ -14,6 +14,7 @@ from peft.tuners.lora import LoraModel
 from tqdm.auto import tqdm
 
 from .._device import input_device, to_device
+from ..distributed import rank_and_world
 from .combinations import Combination
 from .config import SOMFConfig
 from .data import COMPLETION_COLUMNS, PREFERENCE_COLUMNS, check_data, collate, encode_rows, pad_id
@@ -112,7 +113,7 @@ class SOMFMerger:
         kind = "preference" if cfg.objective == "dpo" else "completion"
         safety_rows = encode_rows(tokenizer, safety_data, kind, cfg.max_length)
         retain_rows = encode_rows(tokenizer, retain_data, "completion", cfg.max_length) if retain_data else []
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         batches = _BatchSampler(safety_rows, retain_rows, cfg.batch_size, pad_id(tokenizer), cfg.seed + rank)
 
         losses: list[float] = []
@@ -297,12 +298,6 @@ class _frozen:
         for param, flag in self.flags.items():
             param.requires_grad_(flag)
         self.model.train(self.training)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _average_gradients(logits: list[torch.Tensor], world: int) -> None:
